@@ -1,0 +1,1 @@
+"""Evaluations on standard benchmarks, framework-free; the backends supply the model scores."""

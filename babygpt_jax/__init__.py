@@ -1,0 +1,1 @@
+"""babyGPT in JAX/Flax NNX: the functional mirror of babygpt_torch."""

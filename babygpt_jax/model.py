@@ -1,0 +1,222 @@
+"""GPT-2 in Flax NNX: modules that hold their parameters, used through pure functions.
+
+The mirror of `babygpt_torch/model.py`: same classes, same attribute names (the Hugging Face GPT-2
+layout), same order. Where the two differ it is the paradigm: Flax kernels are (in, out) like HF's
+Conv1D, the compute dtype is an argument rather than an autocast context, and the KV cache is a
+value passed in and returned rather than a buffer written in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from babygpt.config import ModelConfig
+from babygpt.hf import read_hf_dir
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: keys, values (B, S, nh, hs)
+
+log = logging.getLogger(__name__)
+
+
+def attention_implementation(dtype) -> str:
+    """cuDNN flash attention on GPU in half precision; XLA's reference path otherwise.
+
+    jax's default (None) picks the slow XLA path even on an H100, so ask for cuDNN explicitly.
+    """
+    impl = "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if not getattr(attention_implementation, "logged", False):
+        log.info("attention implementation: %s", impl)
+        attention_implementation.logged = True
+    return impl
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        C, proj_std = config.n_embd, 0.02 * (2 * config.n_layer) ** -0.5
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dtype = dtype
+        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.c_attn = nnx.Linear(C, 3 * C, kernel_init=_normal(0.02), **dense)
+        self.c_proj = nnx.Linear(C, C, kernel_init=_normal(proj_std), **dense)  # GPT-2: scaled residual init
+        self.resid_dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x, kv_cache=None, pos=None):
+        B, T, C = x.shape
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=2)
+        # jax's attention wants time before heads: (B, T, nh, hs), no transpose needed
+        q = q.reshape(B, T, self.n_head, C // self.n_head)
+        k = k.reshape(B, T, self.n_head, C // self.n_head)
+        v = v.reshape(B, T, self.n_head, C // self.n_head)
+        if kv_cache is None:
+            y = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=attention_implementation(self.dtype)
+            )
+        else:
+            # Decoding: a new cache with this step's keys/values at pos..pos+T-1, attended over
+            # whole with a mask hiding unwritten slots. The caller keeps the returned cache.
+            k_cache, v_cache = kv_cache  # (B, S, nh, hs)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+            index = pos + jnp.arange(T)
+            mask = jnp.arange(k_cache.shape[1])[None, :] <= index[:, None]  # (T, S)
+            y = jax.nn.dot_product_attention(
+                q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[None, None]
+            )
+            kv_cache = (k_cache, v_cache)
+        y = y.reshape(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        C, proj_std = config.n_embd, 0.02 * (2 * config.n_layer) ** -0.5
+        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.c_fc = nnx.Linear(C, 4 * C, kernel_init=_normal(0.02), **dense)
+        self.c_proj = nnx.Linear(
+            4 * C, C, kernel_init=_normal(proj_std), **dense
+        )  # GPT-2: scaled residual init
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.gelu(self.c_fc(x), approximate=True)  # GPT-2 used the tanh approximation
+        return self.dropout(self.c_proj(x))
+
+
+def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Statistics in float32 whatever the compute dtype; the next Linear casts down.
+    return nnx.LayerNorm(
+        config.n_embd,
+        epsilon=1e-5,
+        use_bias=config.bias,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.ln_1 = _layer_norm(config, rngs)
+        self.attn = CausalSelfAttention(config, rngs=rngs, dtype=dtype)
+        self.ln_2 = _layer_norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, kv_cache=None, pos=None):
+        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)
+        x = x + y
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv_cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs = None, dtype=jnp.float32):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        V = config.padded_vocab_size
+        embed = dict(embedding_init=_normal(0.02), dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        self.transformer = nnx.Dict(
+            wte=nnx.Embed(V, config.n_embd, **embed),
+            wpe=nnx.Embed(config.block_size, config.n_embd, **embed),
+            drop=nnx.Dropout(config.dropout, rngs=rngs),
+            h=nnx.List([Block(config, rngs=rngs, dtype=dtype) for _ in range(config.n_layer)]),
+            ln_f=_layer_norm(config, rngs),
+        )
+        # No lm_head module: weight tying is reusing wte's table in `_logits`.
+
+    def __call__(self, idx, targets=None):
+        logits = self._logits(idx)
+        loss = None
+        if targets is not None:
+            # The loss in float32 whatever the compute dtype; padded logits are -inf, so they
+            # take no probability mass.
+            loss = cross_entropy(logits, targets)
+        return logits, loss
+
+    def decode(self, idx, kv_cache: KVCache, pos):
+        """Logits for idx at positions pos.., and the kv_cache extended by them (a new value)."""
+        return self._logits(idx, kv_cache, pos, return_cache=True)
+
+    def _logits(self, idx, kv_cache=None, pos=0, return_cache=False):
+        B, T = idx.shape
+        positions = pos + jnp.arange(T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        new_cache = []
+        for i, block in enumerate(self.transformer.h):
+            x, layer_cache = block(x, None if kv_cache is None else kv_cache[i], pos)
+            new_cache.append(layer_cache)
+        x = self.transformer.ln_f(x)
+        wte = self.transformer.wte.embedding[...]
+        logits = x.astype(self.dtype) @ wte.astype(self.dtype).T  # (B, T, V) the tied lm_head
+        logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.config.vocab_size, -jnp.inf, logits)
+        return (logits, new_cache) if return_cache else logits
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        c = self.config
+        shape = (batch_size, max_len, c.n_head, c.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layer)]
+
+    def num_params(self) -> int:
+        params = nnx.state(self, nnx.Param)
+        return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str | Path, dtype=jnp.float32) -> GPT:
+        """A Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. OpenAI's weights."""
+        config, tensors = read_hf_dir(hf_dir)
+        model = cls(config, rngs=nnx.Rngs(0), dtype=dtype)
+        load_hf_tensors(model, tensors)
+        return model
+
+
+def cross_entropy(logits, targets):
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - target_logit)
+
+
+# Flax names the HF tensors differently: kernel / scale / embedding instead of weight.
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def _hf_name(path: tuple) -> str:
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _LEAF_NAMES[leaf]])
+
+
+def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """The weights in Hugging Face GPT-2 layout: (in, out) kernels already, unpadded vocabulary."""
+    out = {}
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _hf_name(path)
+        array = np.asarray(param[...], dtype=np.float32)
+        if name == "transformer.wte.weight":
+            array = array[: model.config.vocab_size]
+        out[name] = array
+    return out
+
+
+def load_hf_tensors(model: GPT, tensors: dict[str, np.ndarray]) -> None:
+    state = nnx.state(model, nnx.Param)
+    for path, param in nnx.to_flat_state(state):
+        name = _hf_name(path)
+        array = tensors[name]
+        if name == "transformer.wte.weight":  # pad the vocabulary rows back
+            pad = param.shape[0] - array.shape[0]
+            array = np.concatenate([array, np.zeros((pad, array.shape[1]), array.dtype)])
+        if array.shape != param.shape:
+            raise ValueError(f"{name}: shape {array.shape} does not fit {param.shape}")
+        param[...] = jnp.asarray(array, dtype=param.dtype)
+    nnx.update(model, state)

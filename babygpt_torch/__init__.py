@@ -1,0 +1,1 @@
+"""babyGPT in PyTorch: the stateful mirror of babygpt_jax."""

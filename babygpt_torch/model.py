@@ -1,0 +1,191 @@
+"""GPT-2 in PyTorch: stateful modules, autograd, in-place KV cache.
+
+The mirror of `babygpt_jax/model.py`: same classes, same attribute names (the Hugging Face GPT-2
+layout), same order. Where the two differ it is the paradigm: `nn.Linear` stores weights as
+(out, in) and autocast chooses the compute dtype from outside, while Flax stores kernels as
+(in, out) and takes `dtype` as an argument.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from babygpt.config import ModelConfig
+from babygpt.hf import CONV1D_WEIGHTS, read_hf_dir
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, nh, S, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None, pos=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # torch's SDPA wants heads before time: (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Decoding: write this step's keys/values at pos..pos+T-1 of the preallocated cache
+            # (in place), then attend over the whole cache with a mask hiding unwritten slots.
+            k_cache, v_cache = kv_cache  # (B, nh, S, hs)
+            index = pos + torch.arange(T, device=x.device)
+            k_cache.index_copy_(2, index, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, index, v.to(v_cache.dtype))
+            mask = torch.arange(k_cache.size(2), device=x.device)[None, :] <= index[:, None]  # (T, S)
+            y = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y)), kv_cache
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2 used the tanh approximation
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, pos=None):
+        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)
+        x = x + y
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv_cache
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(V, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # Rows past the tokenizer's vocabulary exist only to make V a multiple of 64.
+        self.register_buffer("vocab_pad", torch.arange(V) >= config.vocab_size, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if module is not self.lm_head and _is_residual_projection(self, module):
+                std *= (2 * self.config.n_layer) ** -0.5  # GPT-2: scale the residual projections
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        logits = self._logits(idx)
+        loss = None
+        if targets is not None:
+            # The loss in float32 whatever the compute dtype; padded logits are -inf, so they
+            # take no probability mass.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def decode(self, idx, kv_cache: KVCache, pos):
+        """Logits for idx at positions pos.., reading and extending kv_cache (in place)."""
+        logits = self._logits(idx, kv_cache, pos)
+        return logits, kv_cache
+
+    def _logits(self, idx, kv_cache=None, pos=0):
+        B, T = idx.size()
+        positions = pos + torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        return logits.masked_fill(self.vocab_pad, float("-inf"))
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=torch.float32) -> KVCache:
+        c = self.config
+        shape = (batch_size, c.n_head, max_len, c.head_dim)
+        device = self.lm_head.weight.device
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(c.n_layer)
+        ]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied wte/lm_head counted once
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str | Path) -> GPT:
+        """A Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. OpenAI's weights."""
+        config, tensors = read_hf_dir(hf_dir)
+        model = cls(config)
+        load_hf_tensors(model, tensors)
+        return model
+
+
+def _is_residual_projection(model: GPT, module: nn.Module) -> bool:
+    return any(module is block.attn.c_proj or module is block.mlp.c_proj for block in model.transformer.h)
+
+
+def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """The weights in Hugging Face GPT-2 layout: Conv1D (in, out) kernels, unpadded vocabulary."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        array = tensor.detach().float().cpu().numpy()
+        if name.endswith(CONV1D_WEIGHTS):
+            array = array.T
+        if name == "transformer.wte.weight":
+            array = array[: model.config.vocab_size]
+        out[name] = np.ascontiguousarray(array)
+    return out
+
+
+def load_hf_tensors(model: GPT, tensors: dict[str, np.ndarray]) -> None:
+    state = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        array = tensors[name]
+        if name.endswith(CONV1D_WEIGHTS):
+            array = array.T
+        if name == "transformer.wte.weight":  # pad the vocabulary rows back
+            array = np.concatenate(
+                [array, np.zeros((param.shape[0] - array.shape[0], array.shape[1]), array.dtype)]
+            )
+        state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Cross-backend tools: weight conversion, benchmarks, the side-by-side reader and the parity tests."""
