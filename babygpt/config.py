@@ -85,6 +85,7 @@ class TrainConfig:
     remat: bool = False  # activation checkpointing, for the big presets
     sample_tokens: int = 200  # tokens sampled at the end of a run; 0 turns it off
     sample_prompt: str = "\n"
+    init_from: str = ""  # a Hugging Face GPT-2 directory to start from instead of random init
 
     @property
     def final_lr(self) -> float:
