@@ -134,6 +134,7 @@ class GPT(nnx.Module):
             ln_f=_layer_norm(config, rngs),
         )
         # No lm_head module: weight tying is reusing wte's table in `_logits`.
+        self.remat = False  # train.remat: recompute each block in the backward pass, saving memory
 
     def __call__(self, idx, targets=None):
         logits = self._logits(idx)
@@ -153,8 +154,9 @@ class GPT(nnx.Module):
         positions = pos + jnp.arange(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         new_cache = []
+        run_block = nnx.remat(Block.__call__) if self.remat and kv_cache is None else Block.__call__
         for i, block in enumerate(self.transformer.h):
-            x, layer_cache = block(x, None if kv_cache is None else kv_cache[i], pos)
+            x, layer_cache = run_block(block, x, None if kv_cache is None else kv_cache[i], pos)
             new_cache.append(layer_cache)
         x = self.transformer.ln_f(x)
         wte = self.transformer.wte.embedding[...]

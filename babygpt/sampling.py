@@ -1,0 +1,148 @@
+"""Framework-free pieces of text generation that both `generate.py` files share.
+
+`SamplingSettings` (validated once, for the CLI and the REPL), the context policy that crops prompts
+to the model's window, the static cache and prefill lengths that keep JAX from recompiling, the
+cut at the stop token, and `StreamDecoder`, which turns token ids into text that is safe to print
+as it comes (a character split across tokens is held back until its last byte arrives).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from babygpt.config import BabyGPTError
+
+# The cache length is rounded up to this, so that JAX compiles one decode step for every prompt
+# whose total length falls in the same bucket.
+CACHE_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick each next token. temperature 0 is greedy; top_k / top_p None turn a filter off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise BabyGPTError(
+                f"temperature must be >= 0 (0 is greedy), got {self.temperature}; try --temperature 0.8"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise BabyGPTError(f"top-k must be >= 1, got {self.top_k}; try --top-k 50, or leave it out")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BabyGPTError(f"top-p must be in (0, 1], got {self.top_p}; try --top-p 0.95, or leave it out")
+        if self.max_tokens < 1:
+            raise BabyGPTError(f"max tokens must be >= 1, got {self.max_tokens}; try --max-tokens 100")
+
+    def replace(self, **changes) -> SamplingSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def crop_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int) -> list[list[int]]:
+    """The context policy: keep the last `block_size - max_new_tokens` tokens of each prompt.
+
+    Every generated token then sits inside the window the model was trained on, and the KV cache is
+    filled once and never shifted. Asking for `block_size` new tokens or more leaves no room for a
+    prompt, which is an error rather than a silent slide of the window.
+    """
+    if max_new_tokens < 1:
+        raise BabyGPTError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens >= block_size:
+        raise BabyGPTError(
+            f"{max_new_tokens} new tokens do not fit the model's context of {block_size} tokens"
+            f" together with a prompt; ask for at most {block_size - 1}"
+        )
+    if not prompts:
+        raise BabyGPTError("no prompts to generate from")
+    if any(len(p) == 0 for p in prompts):
+        raise BabyGPTError("a prompt is empty; give every prompt at least one token")
+    keep = block_size - max_new_tokens
+    return [list(p)[-keep:] for p in prompts]
+
+
+def cache_length(prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int) -> int:
+    """Slots the KV cache needs (the last sampled token is never fed back), rounded up to a bucket."""
+    needed = max(len(p) for p in prompts) + max_new_tokens - 1
+    return min(block_size, math.ceil(needed / CACHE_MULTIPLE) * CACHE_MULTIPLE)
+
+
+def prefill_length(shortest_prompt: int, cache_len: int) -> int:
+    """The prefill's static width: the shortest prompt rounded up to a power of two, within the cache.
+
+    The padded tail writes keys and values past the prompt, but every decode step overwrites its own
+    slot before reading it, and the attention mask hides slots not yet reached.
+    """
+    return min(cache_len, 1 << max(shortest_prompt - 1, 0).bit_length())
+
+
+
+class StreamDecoder:
+    """Feed token ids, get printable text; multi-byte characters split across tokens wait until whole.
+
+    At the end `flush()` returns what is left, with an incomplete character as U+FFFD, so the
+    concatenated output equals `tokenizer.decode(tokens)` (tiktoken's errors="replace").
+    """
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> StreamDecoder:
+        return cls(tokenizer.decode_single_token_bytes)
+
+    def feed(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class RowCollector:
+    """The new tokens of each row, read off the batch's token stream one position at a time.
+
+    Rows are right-padded and step together from the shortest prompt's length (see `generate`), so
+    at position `pos` a row whose prompt is longer is still being fed its own prompt; its new tokens
+    start at its own length. A row ends at `max_new_tokens` or at the stop token (not kept).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_new_tokens: int,
+        stop_token: int | None,
+        on_token: Callable[[int, int], None] | None = None,
+    ):
+        self.lengths = list(lengths)
+        self.max_new_tokens = max_new_tokens
+        self.stop_token = stop_token
+        self.on_token = on_token
+        self.tokens: list[list[int]] = [[] for _ in self.lengths]
+        self.done = [False] * len(self.lengths)
+
+    def add(self, pos: int, column: Sequence[int]) -> None:
+        """The token every row holds at position `pos`."""
+        for row, token in enumerate(column):
+            if self.done[row] or pos < self.lengths[row]:
+                continue
+            if token == self.stop_token:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(int(token))
+            if self.on_token is not None:
+                self.on_token(row, int(token))
+            if len(self.tokens[row]) == self.max_new_tokens:
+                self.done[row] = True
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)

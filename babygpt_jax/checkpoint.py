@@ -1,0 +1,138 @@
+"""Checkpoints in JAX: orbax's `CheckpointManager`, asynchronous, restoring onto the current mesh.
+
+The mirror of `babygpt_torch/checkpoint.py`, which writes one `torch.save` file per step. Here a
+checkpoint is a directory `checkpoints/<step>/` that orbax writes in the background (the devices
+keep training) and commits atomically; every process takes part, each writing its own shards.
+It holds what a resumed run needs to continue exactly: parameters, optimizer state, the RNG key
+(arrays), and the step, loader position and model shape (JSON). `export_hf` writes the weights
+in the Hugging Face layout that both backends (and `transformers`) load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from babygpt.config import BabyGPTError, ModelConfig
+from babygpt.hf import write_hf_dir
+from babygpt_jax.model import GPT, hf_tensors
+
+# The fields that fix the shape of the weights; dropout may change between runs.
+_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir).absolute() / "checkpoints"
+
+
+def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    """One manager per run: it keeps the newest `keep` checkpoints and saves asynchronously.
+
+    Call `wait_until_finished()` (or `close()`) before the process exits, or the last save is lost.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(keep, 1), create=not read_only, read_only=read_only, enable_async_checkpointing=True
+    )
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    step: int,
+    params,
+    opt_state,
+    loader_state: dict,
+    rng: jax.Array,
+    model_config: ModelConfig,
+) -> None:
+    """Start saving checkpoints/<step>/ in the background; returns once the arrays are copied off
+    the devices, so the next (donating) train step may overwrite them."""
+    state = {"params": params, "opt_state": opt_state, "rng": rng}
+    meta = {"step": step, "loader": dict(loader_state), "model_config": dataclasses.asdict(model_config)}
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """The newest committed checkpoint's step (orbax ignores unfinished, temporary directories)."""
+    if not checkpoint_dir(run_dir).is_dir():
+        return None
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def restore_checkpoint(
+    run_dir: str | Path, params, opt_state, rng: jax.Array, model_config: ModelConfig
+) -> dict:
+    """Read the latest checkpoint onto the shardings of `params`, `opt_state` and `rng`.
+
+    The three arguments are only the target: their shapes, dtypes and shardings (those of the
+    current mesh, whatever mesh wrote the checkpoint). Returns {"step", "loader", "params",
+    "opt_state", "rng"}. Any unreadable or mismatched checkpoint is one `BabyGPTError`.
+    """
+    step = latest_step(run_dir)
+    if step is None:
+        raise BabyGPTError(f"no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start a new run")
+    path = checkpoint_dir(run_dir) / str(step)
+    fix = "delete it to resume from the one before"
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            saved = meta["model_config"]
+        except Exception as e:  # a truncated or foreign directory fails anywhere inside orbax
+            raise BabyGPTError(
+                f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); {fix}"
+            ) from None
+        current = dataclasses.asdict(model_config)
+        diffs = [
+            f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
+            for k in _SHAPE_FIELDS
+            if saved.get(k) != current[k]
+        ]
+        if diffs:
+            raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
+        target = jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state, "rng": rng}
+        )
+        try:
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+                "state"
+            ]
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise BabyGPTError(
+                f"checkpoint {path} is corrupt or does not fit this model or optimizer"
+                f" ({type(e).__name__}: {first}); {fix}"
+            ) from None
+    finally:
+        manager.close()
+    return {"step": int(meta["step"]), "loader": meta["loader"], **state}
+
+
+def export_hf(run_dir: str | Path, model: GPT) -> Path:
+    """Write run_dir/model.safetensors + run_dir/config.json (Hugging Face GPT-2 layout).
+
+    The pair is written complete into a hidden directory first, then moved in (weights first), so
+    `GPT.from_pretrained(run_dir)` never sees a half-written file. The caller makes the weights
+    addressable here (gathered, when sharded over processes) and calls this on process 0 only.
+    """
+    run_dir = Path(run_dir)
+    staging = write_hf_dir(run_dir / ".export", model.config, hf_tensors(model))
+    try:
+        for name in ("model.safetensors", "config.json"):
+            os.replace(staging / name, run_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run_dir

@@ -1,0 +1,158 @@
+"""Text generation with a KV cache in JAX: prefill once, then one jitted step per token.
+
+The mirror of `babygpt_torch/generate.py`: the same filters, the same batch layout and the same loop.
+The paradigm shows in the cache (a value each jitted step takes and returns, donated so XLA updates
+it in place, rather than a buffer written in place), the randomness (a `jax.random` key folded with
+the position, sampled inside the jit) and compilation: the model is `nnx.split` once into a static
+graph and its parameters, and the steps are compiled for static shapes (the cache length and the
+prefill width are rounded up to buckets, `babygpt.sampling`), so a new prompt length, a new
+temperature, top-k or top-p does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from babygpt.sampling import RowCollector, cache_length, crop_prompts, prefill_length
+
+# Without a per-token callback, tokens stay on the device and the host checks for stop tokens
+# every this many steps, so a GPU is not made to wait for Python after every token.
+CHECK_EVERY = 8
+
+
+def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
+    """(B, V) logits with every token outside the top-k and outside the top-p nucleus set to -inf.
+
+    top-k applies first; top-p then keeps the smallest set of the most likely tokens whose
+    probability adds up to at least top_p (at least one token). One sort serves both; tokens tied
+    with the last kept one are kept too. top_k and top_p may be traced: no recompile per value.
+    """
+    V = logits.shape[-1]
+    k = V if top_k is None else jnp.minimum(top_k, V)
+    p = 1.0 if top_p is None else top_p
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # (B, V) descending
+    rank = jnp.arange(V)
+    sorted_logits = jnp.where(rank >= k, -jnp.inf, sorted_logits)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (rank < k) & (sorted_logits > -jnp.inf) & ((mass_before < p) | (p >= 1.0))
+    n_keep = jnp.maximum(keep.sum(axis=-1, keepdims=True), 1)  # (B, 1)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample(
+    logits: jax.Array,
+    key: jax.Array,
+    temperature=1.0,
+    top_k: int | jax.Array | None = None,
+    top_p=None,
+) -> jax.Array:
+    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from the filtered softmax.
+
+    Traceable: temperature may be an array, so greedy and sampled are both computed and one chosen.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    if top_k is not None or top_p is not None:
+        scaled = filter_logits(scaled, top_k, top_p)
+    sampled = jax.random.categorical(key, scaled, axis=-1)  # (B,)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_token: int | None = 50256,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
+
+    Batch layout: prompts are right-padded and every row steps through the same positions,
+    starting after the shortest prompt; a row still inside its own (longer) prompt is fed its next
+    prompt token instead of a sample. So each row sees exactly its own tokens at its own positions,
+    and a batch gives each prompt's greedy output alone. Prompts longer than
+    `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
+    `on_token(row, token)` is called for each new token as it is chosen.
+    """
+    config = model.config
+    prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
+    lengths = [len(p) for p in prompts]
+    shortest, longest = min(lengths), max(lengths)
+    B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
+    cache = model.init_cache(B, S, model.dtype)
+    padded = np.zeros((B, S), np.int32)  # as wide as the cache: one shape per bucket
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = prompt
+    padded, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+    width = prefill_length(shortest, S)
+    graphdef, state = nnx.split(model)
+    prefill, step = _compiled_steps(graphdef, top_k is not None or top_p is not None)
+    # Traced, so a new value reuses the compiled steps.
+    settings = (
+        jnp.float32(temperature),
+        jnp.int32(config.padded_vocab_size if top_k is None else top_k),
+        jnp.float32(1.0 if top_p is None else top_p),
+    )
+    key = jax.random.key(seed)
+
+    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
+    cache, token = prefill(state, cache, padded[:, :width], jnp.int32(shortest), padded, lengths_arr, key, settings)
+    last = longest + max_new_tokens - 1  # the last position any row needs
+    pending = []
+    for pos in range(shortest, last + 1):
+        pending.append((pos, token))
+        if on_token is not None or len(pending) == CHECK_EVERY or pos == last:
+            for p, t in pending:
+                collector.add(p, np.asarray(t).tolist())
+            pending.clear()
+            if collector.finished:
+                break
+        if pos == last:
+            break
+        cache, token = step(state, cache, token, jnp.int32(pos), padded, lengths_arr, key, settings)
+    return collector.tokens
+
+
+@functools.cache
+def _compiled_steps(graphdef, filtered: bool):
+    """The jitted prefill and decode step for one model structure (and whether filters are on)."""
+
+    def model_of(state):
+        model = nnx.merge(graphdef, state)
+        model.eval()  # no dropout while sampling
+        return model
+
+    def choose(logits, pos, padded, lengths, key, settings):
+        """The token every row holds at `pos`: its prompt's while inside it, else a sample."""
+        temperature, top_k, top_p = settings
+        filters = (top_k, top_p) if filtered else (None, None)
+        sampled = sample(logits, jax.random.fold_in(key, pos), temperature, *filters)
+        prompt_token = jnp.take(padded, pos, axis=1, mode="clip")
+        return jnp.where(pos < lengths, prompt_token, sampled).astype(jnp.int32)
+
+    def prefill(state, cache, chunk, n, padded, lengths, key, settings):
+        # chunk (B, width) is the prompts past the shortest one's n tokens too: their keys and
+        # values are overwritten by the decode steps before any step can attend to them.
+        logits, cache = model_of(state).decode(chunk, cache, 0)  # (B, width, V)
+        last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
+        return cache, choose(last_logits, n, padded, lengths, key, settings)
+
+    def step(state, cache, token, pos, padded, lengths, key, settings):
+        logits, cache = model_of(state).decode(token[:, None], cache, pos)  # (B, 1, V)
+        return cache, choose(logits[:, 0], pos + 1, padded, lengths, key, settings)
+
+    return jax.jit(prefill, donate_argnums=1), jax.jit(step, donate_argnums=1)

@@ -1,0 +1,114 @@
+"""Multi-device and multi-host JAX: one `Mesh`, sharding annotations, `jax.distributed`.
+
+The mirror of `babygpt_torch/parallel.py`, where each process holds a replica and DDP averages
+gradients. Here one process drives all its local devices, and parallelism is declared rather than
+programmed: the batch is sharded over every device, the parameters are replicated (data parallel)
+or split over the "fsdp" axis, and `jax.jit` inserts the collectives these layouts imply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from babygpt.config import Config
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # every device takes its own rows of each micro-step
+
+
+def setup_distributed() -> None:
+    """Join the other processes of a multi-host run, or run alone.
+
+    `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run
+    explicitly; under SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster
+    itself. Must run before anything touches a device.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if coordinator := os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+        jax.distributed.initialize()
+    else:
+        return
+    log.info(
+        "process %d of %d, %d local devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+    )
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def make_mesh(config: Config) -> Mesh:
+    """All devices, in process order, as a (data, fsdp) grid: (n, 1) data parallel, (1, n) with fsdp.
+
+    Process p's devices form one contiguous block, so its rows of the global batch are one
+    contiguous block too, the rows its loader reads.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    n = len(devices)
+    shape = (1, n) if config.train.fsdp else (n, 1)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are (micro_steps, rows, T): the rows split over every device of the mesh."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_shardings(mesh: Mesh, params, fsdp: bool):
+    """A sharding per leaf of `params` (or of anything shaped like it, e.g. the optimizer state).
+
+    Data parallel: everything replicated. FSDP: each array split along its largest dimension that
+    the "fsdp" axis divides; arrays with no such dimension (small biases, scalars) replicated.
+    """
+    size = mesh.shape["fsdp"]
+
+    def sharding(x) -> NamedSharding:
+        if not fsdp or size == 1:
+            return replicated(mesh)
+        dims = [d for d in sorted(range(x.ndim), key=lambda d: -x.shape[d]) if x.shape[d] % size == 0]
+        if not dims:
+            return replicated(mesh)
+        spec = [None] * len(x.shape)
+        spec[dims[0]] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree.map(sharding, params)
+
+
+def make_global_batch(local_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """One global array from every process's rows: each process passes only the rows it read."""
+    return jax.make_array_from_process_local_data(sharding, local_array)
+
+
+def barrier(name: str) -> None:
+    """Wait for every process, e.g. while process 0 prepares the dataset the others will read."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def shutdown() -> None:
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()

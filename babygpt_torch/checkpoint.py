@@ -1,0 +1,142 @@
+"""Checkpoints in PyTorch: one `torch.save` file per step, written to a temporary name and renamed.
+
+The mirror of `babygpt_jax/checkpoint.py`, which uses orbax's `CheckpointManager`. A checkpoint
+holds everything a resumed run needs to continue exactly: model, optimizer and scheduler state,
+the data loader's position and the RNG state. `export_hf` writes the weights in the Hugging Face
+layout that both backends (and `transformers`) load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from babygpt.config import BabyGPTError
+from babygpt.hf import write_hf_dir
+from babygpt_torch.model import hf_tensors
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+# The fields that fix the shape of the weights; dropout may change between runs.
+_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def _steps(run_dir: str | Path) -> list[int]:
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader_state: dict,
+    rng_state: dict,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step_{step:08d}.pt atomically, then delete all but the newest `keep`."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "model_config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader": dict(loader_state),
+        "rng": rng_state,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in _steps(run_dir)[: -max(keep, 1)]:
+        checkpoint_path(run_dir, old).unlink(missing_ok=True)
+    return path
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    steps = _steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def restore_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict:
+    """Load the latest checkpoint into model, optimizer and scheduler (in place).
+
+    Returns {"step", "loader", "rng"}: the step to continue from, the loader state and the RNG
+    state, which the caller applies. Any unreadable or mismatched file is one `BabyGPTError`.
+    """
+    step = latest_step(run_dir)
+    if step is None:
+        raise BabyGPTError(f"no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start a new run")
+    path = checkpoint_path(run_dir, step)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        keys = ("step", "model_config", "model", "optimizer", "scheduler", "loader", "rng")
+        missing = [k for k in keys if k not in state]
+    except Exception as e:  # a truncated or foreign file raises anything from pickle to zipfile
+        raise BabyGPTError(
+            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to resume"
+            " from the one before"
+        ) from None
+    if missing:
+        raise BabyGPTError(f"checkpoint {path} is not a babyGPT torch checkpoint (no {missing[0]!r})")
+    saved, current = state["model_config"], dataclasses.asdict(model.config)
+    diffs = [
+        f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
+        for k in _SHAPE_FIELDS
+        if saved.get(k) != current[k]
+    ]
+    if diffs:
+        raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise BabyGPTError(f"checkpoint {path} does not fit this model or optimizer ({first})") from None
+    scheduler.load_state_dict(state["scheduler"])
+    return {"step": state["step"], "loader": state["loader"], "rng": state["rng"]}
+
+
+def export_hf(run_dir: str | Path, model: nn.Module) -> Path:
+    """Write run_dir/model.safetensors + run_dir/config.json (Hugging Face GPT-2 layout).
+
+    The pair is written complete into a hidden directory first, then moved in (weights first), so
+    `GPT.from_pretrained(run_dir)` never sees a half-written file.
+    """
+    run_dir = Path(run_dir)
+    staging = write_hf_dir(run_dir / ".export", model.config, hf_tensors(model))
+    try:
+        for name in ("model.safetensors", "config.json"):
+            os.replace(staging / name, run_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run_dir

@@ -1,0 +1,271 @@
+"""Training in PyTorch: a stateful loop around autograd, DDP and `torch.optim`.
+
+The mirror of `babygpt_jax/train.py`, where `train_step` is a pure jitted function of
+`(params, opt_state, batch)`. Here the step mutates the model's `.grad`s and the optimizer in
+place; gradient accumulation is a Python loop of `backward()` calls, and DDP averages the
+gradients across processes on the last micro-step only (`no_sync` before it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import torch
+import torch.nn as nn
+
+from babygpt.config import BabyGPTError, Config, ModelConfig
+from babygpt.data import ensure_dataset
+from babygpt.flops import peak_flops
+from babygpt.hf import read_hf_dir
+from babygpt.run import BatchPlan, MetricsLog, Throughput, check_finite, plan_batch, prepare_run_dir
+from babygpt.tokenizer import encode_prompt, get_tokenizer
+from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
+from babygpt_torch.data import DataLoaderLite, make_loaders
+from babygpt_torch.generate import generate
+from babygpt_torch.model import GPT, load_hf_tensors
+from babygpt_torch.optim import make_optimizer
+from babygpt_torch.parallel import Dist, all_reduce_mean, barrier, setup_distributed, shutdown, wrap_model
+
+logger = logging.getLogger(__name__)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: DataLoaderLite,
+    plan: BatchPlan,
+    dist: Dist,
+    autocast_dtype: torch.dtype,
+    grad_clip: float = 1.0,
+) -> dict:
+    """One optimizer step over `plan.accumulation_steps` micro-batches; returns loss, lr, grad_norm.
+
+    Each micro-loss is divided by the number of micro-steps, so the summed gradient is the
+    gradient of the mean loss over the whole step, exactly as one big batch.
+    """
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    n = plan.accumulation_steps
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=dist.device)
+    for micro in range(n):
+        x, y = loader.next_batch()  # (B, T) each
+        # DDP all-reduces during backward; only the last micro-step's backward needs to.
+        sync = dist.world_size == 1 or micro == n - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with _autocast(dist.device, autocast_dtype):
+                _, loss = model(x, y)
+            loss = loss / n
+            loss.backward()
+        loss_sum += loss.detach()
+    # max_norm=inf measures the norm without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    loss_sum = all_reduce_mean(loss_sum, dist)
+    loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # the step's one host sync
+    return {"loss": loss, "lr": lr, "grad_norm": norm}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val_loader: DataLoaderLite,
+    steps: int,
+    autocast_dtype: torch.dtype,
+    dist: Dist | None = None,
+) -> float:
+    """Mean loss over the first `steps` validation micro-batches (the same ones every time)."""
+    model.eval()
+    val_loader.reset()
+    device = val_loader.device
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = val_loader.next_batch()
+        with _autocast(device, autocast_dtype):
+            _, loss = model(x, y)
+        total += loss.float()
+    model.train()
+    mean = total / max(steps, 1)
+    if dist is not None:
+        mean = all_reduce_mean(mean, dist)
+    return mean.item()
+
+
+def generate_sample(model: GPT, config: Config) -> str:
+    """A sample from the trained model: `train.sample_tokens` tokens after `train.sample_prompt`."""
+    t = config.train
+    prompt = encode_prompt(t.sample_prompt)
+    [tokens] = generate(model, [prompt], t.sample_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    return get_tokenizer().decode(prompt + list(tokens))
+
+
+def main(config: Config) -> dict:
+    """Train as `config` says, resuming if asked; return a summary of the run."""
+    dist = setup_distributed()
+    try:
+        return _train(config, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(config: Config, dist: Dist) -> dict:
+    t = config.train
+    is_main = dist.rank == 0
+    torch.manual_seed(t.seed)  # every rank builds the same initial model
+    # Every rank checks the run directory before rank 0 writes into it, so all ranks agree.
+    if not is_main:
+        prepare_run_dir(config, is_main=False)
+    barrier(dist)
+    run_dir = prepare_run_dir(config, is_main=True) if is_main else config.run_dir
+    if is_main:  # shakespeare prepares itself once, on rank 0
+        ensure_dataset(config)
+    barrier(dist)
+    ensure_dataset(config)
+    plan = plan_batch(config, dist.world_size)
+
+    model = _build_model(config)
+    model.to(dist.device)
+    device_type = dist.device.type
+    autocast_dtype = _compute_dtype(t.dtype, device_type)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any matmul left in float32
+    optimizer, scheduler = make_optimizer(model, t, device_type)
+    train_loader, val_loader = make_loaders(config, plan, dist.rank, dist.device)
+
+    start_step = 0
+    if config.run.resume and latest_step(run_dir) is not None:
+        restored = restore_checkpoint(run_dir, model, optimizer, scheduler)
+        start_step = restored["step"]
+        train_loader.load_state_dict(restored["loader"])
+        _set_rng_state(restored["rng"])
+        if is_main:
+            logger.info("resumed %s at step %d", run_dir, start_step)
+
+    step_model = torch.compile(model) if t.compile else model
+    step_model = wrap_model(step_model, dist)
+
+    peak = peak_flops(torch.cuda.get_device_name(dist.device)) if device_type == "cuda" else None
+    log = MetricsLog(run_dir, config, t.max_steps, start_step, enabled=is_main)
+    throughput = Throughput(config, plan.tokens_per_step, peak)
+    if is_main:
+        log.info(
+            f"torch | {model.num_params():,} parameters | {dist.world_size} x {device_type}"
+            f" | {plan.tokens_per_step:,} tokens/step ({plan.accumulation_steps} micro-steps)"
+        )
+
+    def checkpoint(step: int) -> None:
+        if is_main:
+            save_checkpoint(
+                run_dir,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                train_loader.state_dict(),
+                _rng_state(),
+                keep=t.keep_checkpoints,
+            )
+            export_hf(run_dir, model)
+
+    train_loss = val_loss = None
+    timed_steps, timed_seconds = 0, 0.0
+    logged_step = timed_from = start_step
+    throughput = Throughput(config, plan.tokens_per_step, peak)
+    try:
+        for step in range(start_step, t.max_steps):
+            metrics = train_step(
+                step_model, optimizer, scheduler, train_loader, plan, dist, autocast_dtype, t.grad_clip
+            )
+            done, train_loss = step + 1, metrics["loss"]
+            check_finite(train_loss, done)  # before any checkpoint: the last good one is kept
+            last = done == t.max_steps
+            if step == start_step:  # the first step warms up (and compiles): keep it out of tokens/s
+                throughput, timed_from = Throughput(config, plan.tokens_per_step, peak), done
+            if done % t.log_interval == 0 or last:
+                speed = throughput.measure(done - timed_from) if done > timed_from else {}
+                if speed:
+                    timed_steps += done - timed_from
+                    timed_seconds += speed["step_ms"] * (done - timed_from) / 1000
+                log.step(done, {**metrics, **speed}, done - logged_step)
+                logged_step = timed_from = done
+            paused = False
+            if t.eval_steps and (done % t.eval_interval == 0 or last):
+                val_loss = evaluate(step_model, val_loader, t.eval_steps, autocast_dtype, dist)
+                log.write({"step": done, "val_loss": val_loss})
+                log.info(f"step {done:>6} | val {val_loss:.4f}")
+                paused = True
+            if done % t.checkpoint_interval == 0 or last:
+                checkpoint(done)
+                paused = True
+            if paused:  # evaluation and saving are not training throughput
+                throughput, timed_from = Throughput(config, plan.tokens_per_step, peak), done
+    finally:
+        log.close()
+
+    if val_loss is None and t.eval_steps:  # nothing left to train: a resumed, finished run
+        val_loss = evaluate(step_model, val_loader, t.eval_steps, autocast_dtype, dist)
+    steps_run = t.max_steps - start_step
+    summary = {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "tokens_per_s": timed_steps * plan.tokens_per_step / timed_seconds if timed_seconds else None,
+        "steps": steps_run,
+        "run_dir": str(run_dir),
+    }
+    if device_type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+        if is_main:
+            log.info(f"peak memory {summary['peak_memory_gib']:.2f} GiB")
+    if t.sample_tokens and is_main:
+        summary["sample"] = generate_sample(model, config)
+        log.info(summary["sample"])
+    return summary
+
+
+def _build_model(config: Config) -> GPT:
+    """A fresh GPT-2 from `config.model`, or the weights of `train.init_from` in that shape."""
+    model = GPT(config.model)
+    if config.train.init_from:
+        pretrained, tensors = read_hf_dir(config.train.init_from)
+        diffs = _shape_diffs(pretrained, config.model)
+        if diffs:
+            raise BabyGPTError(
+                f"train.init_from={config.train.init_from} has {', '.join(diffs)};"
+                " set the [model] section to match"
+            )
+        load_hf_tensors(model, tensors)
+    return model
+
+
+def _shape_diffs(pretrained: ModelConfig, wanted: ModelConfig) -> list[str]:
+    fields = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")
+    have, want = dataclasses.asdict(pretrained), dataclasses.asdict(wanted)
+    return [f"model.{k}={have[k]!r} (config: {want[k]!r})" for k in fields if have[k] != want[k]]
+
+
+def _compute_dtype(dtype: str, device_type: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """bfloat16 matmuls under autocast; float32 needs no autocast at all."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

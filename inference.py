@@ -1,0 +1,221 @@
+"""Sample text from a trained run or a Hugging Face GPT-2 directory, with either backend.
+
+python inference.py --checkpoint out/shakespeare [--backend jax|torch] --prompt "to be or not to be"
+    [--max-tokens 100] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--num-samples 1]
+    [--stream] [--interactive] [--compile]
+
+The checkpoint is a directory with model.safetensors + config.json (what training exports, or
+OpenAI's GPT-2 in the Hugging Face layout); either backend samples a run of the other. In
+--interactive mode each line is a prompt; /help lists the commands that change the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from babygpt.cli import run_cli
+from babygpt.config import BACKENDS, BabyGPTError
+from babygpt.sampling import SamplingSettings, StreamDecoder
+from babygpt.tokenizer import EOT, encode_prompt, get_tokenizer
+
+REPL_HELP = """commands:
+  /temp X    temperature (0 is greedy)      /topk N|off   keep the N most likely tokens
+  /topp X|off   nucleus sampling (0 < X <= 1)  /max N    new tokens per prompt
+  /seed N    random seed                     /help     this text
+  /quit      leave (Ctrl-D too)"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", "--model-path", dest="checkpoint", required=True, help="run or HF directory")
+    parser.add_argument("--backend", default=None, help="jax or torch (default: the run's own backend, else jax)")
+    parser.add_argument("--prompt", default=None, help="text to continue (default: start a new document)")
+    parser.add_argument("--max-tokens", type=int, default=100, help="new tokens per sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="keep the smallest set with this much probability")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they come")
+    parser.add_argument("--interactive", action="store_true", help="a prompt per line; /help for commands")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (JAX always jits)")
+    return parser.parse_args(argv)
+
+
+def resolve_backend(checkpoint: Path, backend: str | None) -> str:
+    """--backend if given, else the backend the run was trained with, else jax."""
+    if backend is None:
+        run_config = checkpoint / "config.toml"
+        if run_config.exists():
+            backend = tomllib.loads(run_config.read_text()).get("run", {}).get("backend", "jax")
+        else:
+            backend = "jax"
+    if backend not in BACKENDS:
+        raise BabyGPTError(f"unknown backend {backend!r}; choose --backend=jax or --backend=torch")
+    return backend
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    if not checkpoint.is_dir():
+        raise BabyGPTError(
+            f"no checkpoint directory at {checkpoint}; train one with `python train.py`"
+            " and pass --checkpoint out/<run name>"
+        )
+    if not (checkpoint / "model.safetensors").exists() or not (checkpoint / "config.json").exists():
+        hint = (
+            "the run has not exported its model yet (training writes it at the end)"
+            if (checkpoint / "config.toml").exists()
+            else "point --checkpoint at a run directory or a Hugging Face GPT-2 directory"
+        )
+        raise BabyGPTError(f"{checkpoint} has no model.safetensors + config.json; {hint}")
+
+
+def load_model(backend: str, checkpoint: Path):
+    """The model on the best device there is: bfloat16 compute on a GPU, float32 on CPU."""
+    if backend == "torch":
+        import torch
+
+        from babygpt_torch.model import GPT
+
+        model = GPT.from_pretrained(checkpoint)
+        return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    import jax
+    import jax.numpy as jnp
+
+    from babygpt_jax.model import GPT
+
+    return GPT.from_pretrained(checkpoint, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+
+
+class Sampler:
+    """A loaded model, its backend's generate(), and the printing; counts tokens for the summary."""
+
+    def __init__(self, backend: str, checkpoint: Path, compile: bool):
+        self.model = load_model(backend, checkpoint)
+        self.generate = importlib.import_module(f"babygpt_{backend}.generate").generate
+        self.extra = {"compile": True} if compile and backend == "torch" else {}
+        self.tokenizer = get_tokenizer()
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def run(self, prompt: str | None, settings: SamplingSettings, num_samples: int, stream: bool) -> None:
+        ids = encode_prompt(prompt) if prompt is not None else [EOT]
+        out = sys.stdout
+        decoder = StreamDecoder.for_tokenizer(self.tokenizer)
+
+        def on_token(row: int, token: int) -> None:
+            if row == 0:  # the other samples finish together with this one and are printed then
+                out.write(decoder.feed(token))
+                out.flush()
+
+        if stream:
+            out.write(prompt or "")
+            out.flush()
+        start = time.perf_counter()
+        samples = self.generate(
+            self.model,
+            [ids] * num_samples,
+            settings.max_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            stop_token=EOT,
+            on_token=on_token if stream else None,
+            **self.extra,
+        )
+        self.seconds += time.perf_counter() - start
+        self.tokens += sum(len(s) for s in samples)
+        for i, sample in enumerate(samples):
+            if i > 0:
+                out.write("---\n")
+            if stream and i == 0:
+                out.write(decoder.flush() + "\n")
+            else:
+                out.write((prompt or "") + self.tokenizer.decode(sample) + "\n")
+        out.flush()
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return f"{self.tokens} tokens in {self.seconds:.2f} s ({rate:.1f} tokens/s)"
+
+
+def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> None:
+    """Each line a prompt, or a /command changing the settings; /quit or end of input leaves."""
+    print(f"{REPL_HELP}\n", file=sys.stderr)
+    turn = 0
+    while True:
+        line = _read_line()
+        if line is None or line.strip() == "/quit":
+            return
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                settings = _command(line, settings)
+                print(f"settings: {settings}", file=sys.stderr)
+                continue
+            # A new seed each turn, so that one prompt sent twice gives two samples; reproducible.
+            sampler.run(line, settings.replace(seed=settings.seed + turn), num_samples, stream=True)
+            turn += 1
+        except BabyGPTError as e:  # a bad command or prompt: say so and keep the session
+            print(f"error: {e}", file=sys.stderr)
+
+
+def _read_line() -> str | None:
+    if sys.stdin.isatty():
+        try:
+            return input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line or None
+
+
+def _command(line: str, settings: SamplingSettings) -> SamplingSettings:
+    name, _, value = line.partition(" ")
+    value = value.strip()
+    if name == "/help":
+        print(REPL_HELP, file=sys.stderr)
+        return settings
+    fields = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
+              "/max": ("max_tokens", int), "/seed": ("seed", int)}  # fmt: skip
+    if name not in fields:
+        raise BabyGPTError(f"unknown command {name}; /help lists the commands")
+    field, kind = fields[name]
+    if value == "off" and field in ("top_k", "top_p"):
+        return settings.replace(**{field: None})
+    try:
+        return settings.replace(**{field: kind(value)})
+    except ValueError:
+        raise BabyGPTError(f"{name} needs a number, e.g. {name} {kind(1)}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Everything the user can get wrong is checked before the (slow) backend import.
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.max_tokens, args.seed)
+    if args.num_samples < 1:
+        raise BabyGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.prompt is not None:
+        encode_prompt(args.prompt)
+    checkpoint = Path(args.checkpoint)
+    check_checkpoint(checkpoint)
+    backend = resolve_backend(checkpoint, args.backend)
+    sampler = Sampler(backend, checkpoint, args.compile)
+    if args.interactive:
+        repl(sampler, settings, args.num_samples)
+    else:
+        sampler.run(args.prompt, settings, args.num_samples, args.stream)
+    print(sampler.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

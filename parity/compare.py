@@ -1,0 +1,134 @@
+"""Train with both backends from the same weights on the same batches and plot both loss curves.
+
+    python -m parity.compare [--config configs/shakespeare.toml] [--out PNG] [section.key=value ...]
+
+Both runs start from one Hugging Face directory (`train.init_from`; a fresh torch init written
+beside the runs when the config names none), so the curves differ only by what the backends
+compute. The runs go to `<out_dir>/<name>-torch` and `<out_dir>/<name>-jax`; the plot (one PNG,
+both curves, and the difference) to `<out_dir>/<name>-parity.png` unless `--out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from babygpt.cli import run_cli
+from babygpt.config import BabyGPTError, Config, load_config
+from babygpt.hf import write_hf_dir
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(run_dir: str | Path) -> tuple[dict[int, float], dict[int, float]]:
+    """{step: train loss} and {step: val loss} from a run's metrics.jsonl."""
+    train, val = {}, {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train[record["step"]] = record["loss"]
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+    return train, val
+
+
+def write_initial_weights(config: Config, path: Path) -> Path:
+    """A fresh GPT-2 init (torch, `train.seed`) as a Hugging Face directory both runs start from."""
+    import torch
+
+    from babygpt_torch.model import GPT, hf_tensors
+
+    torch.manual_seed(config.train.seed)
+    return write_hf_dir(path, config.model, hf_tensors(GPT(config.model)))
+
+
+def backend_config(config: Config, backend: str, init_from: Path) -> Config:
+    run = dataclasses.replace(config.run, name=f"{config.run.name}-{backend}", backend=backend)
+    train = dataclasses.replace(config.train, init_from=str(init_from))
+    return dataclasses.replace(config, run=run, train=train)
+
+
+def run_both(config: Config) -> dict:
+    """Train torch, then JAX; return both runs' directories and their metrics by step."""
+    import babygpt_jax.train as jax_train
+    import babygpt_torch.train as torch_train
+
+    init_from = Path(config.train.init_from) if config.train.init_from else None
+    if init_from is None:
+        init_from = write_initial_weights(config, config.run_dir.with_name(f"{config.run.name}-init"))
+    out = {"init_from": str(init_from)}
+    for backend, main in (("torch", torch_train.main), ("jax", jax_train.main)):
+        cfg = backend_config(config, backend, init_from)
+        summary = main(cfg)
+        train, val = read_metrics(cfg.run_dir)
+        out[backend] = {"run_dir": str(cfg.run_dir), "summary": summary, "loss": train, "val_loss": val}
+    steps = sorted(set(out["torch"]["loss"]) & set(out["jax"]["loss"]))
+    if not steps:
+        raise BabyGPTError("the two runs logged no common step; set train.log_interval=1")
+    diffs = [abs(out["torch"]["loss"][s] - out["jax"]["loss"][s]) for s in steps]
+    out["steps"] = steps
+    out["max_abs_diff"] = max(diffs)
+    out["max_rel_diff"] = max(d / abs(out["torch"]["loss"][s]) for d, s in zip(diffs, steps))
+    return out
+
+
+def plot(result: dict, path: str | Path, title: str) -> Path:
+    """Both loss curves on one axis and their difference below; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    torch_loss = np.array([result["torch"]["loss"][s] for s in steps])
+    jax_loss = np.array([result["jax"]["loss"][s] for s in steps])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    top.plot(steps, torch_loss, label="torch", color="tab:red", linewidth=2.5, alpha=0.6)
+    top.plot(steps, jax_loss, label="jax", color="tab:blue", linewidth=1.2, linestyle="--")
+    for backend, color in (("torch", "tab:red"), ("jax", "tab:blue")):
+        val = result[backend]["val_loss"]
+        if val:
+            top.scatter(list(val), list(val.values()), color=color, marker="o", s=20, label=f"{backend} val")
+    top.set_ylabel("loss")
+    top.set_title(f"{title}: max |loss difference| {result['max_abs_diff']:.2e}")
+    top.legend()
+    bottom.plot(steps, jax_loss - torch_loss, color="black")
+    bottom.set_ylabel("jax - torch")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="configs/shakespeare.toml", help="a TOML preset")
+    parser.add_argument("--out", default=None, help="where to write the PNG")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    result = run_both(config)
+    out = args.out or config.run_dir.with_name(f"{config.run.name}-parity.png")
+    plot(result, out, config.run.name)
+    print(
+        f"{len(result['steps'])} steps | max |loss difference| {result['max_abs_diff']:.3e}"
+        f" ({result['max_rel_diff']:.2e} relative) | plot: {out}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

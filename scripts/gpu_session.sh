@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device-machine session: set up, check, and time everything that needs a GPU, logging under
+# $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt (default: all).
+#   bash scripts/gpu_session.sh bench generate
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# grain is missing from the GPU image: carried as wheels (.whl, see ../shared/device/fetch-wheels.sh)
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+parts=${*:-smoke nanogpt bench generate train parity dist}
+run() { echo "=== $*" | tee -a "$OUT/session.log"; "$@" 2>&1 | tee -a "$OUT/session.log"; }
+
+for part in $parts; do case $part in
+smoke)
+  run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  run python3 -c "import jax, flax, torch, optax, orbax.checkpoint as o, grain, transformers; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'torch', torch.__version__, 'optax', optax.__version__, 'grain', grain.__version__, 'transformers', transformers.__version__)"
+  ;;
+nanogpt)  # the reference, timed in the same session: nanoGPT's own bench.py, GPT-2 124M, B=32, T=1024
+  if [ -d .nanogpt ]; then
+    (cd .nanogpt && run python3 bench.py --batch_size=32 --real_data=False --compile=True --bias=True)
+  fi
+  ;;
+bench)
+  run python3 -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 30 --out "$OUT/bench-124m"
+  run python3 -m parity.bench --backend jax,torch --preset gpt2-medium --batch 16 --seq 1024 --steps 20 --out "$OUT/bench-350m"
+  run python3 -m parity.bench --backend jax,torch --preset gpt2-large --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-774m"
+  ;;
+generate)
+  run python3 -m parity.bench --mode generate --backend jax,torch,hf --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen"
+  ;;
+train)
+  run python3 train.py --backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/runs train.max_steps=200 train.eval_interval=100
+  run python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/runs run.name=shakespeare-gpt2-jax train.max_steps=200 train.eval_interval=100
+  cp /tmp/runs/*/metrics.jsonl "$OUT/" 2>/dev/null; for d in /tmp/runs/*/; do cp "$d/metrics.jsonl" "$OUT/$(basename "$d").jsonl"; done
+  ;;
+parity)
+  [ -f parity/gpu_check.py ] && run python3 -m parity.gpu_check
+  ;;
+dist)
+  run torchrun --standalone --nproc_per_node=1 train.py --backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=ddp1 train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
+  run env JAX_COORDINATOR_ADDRESS=127.0.0.1:12355 JAX_NUM_PROCESSES=1 JAX_PROCESS_ID=0 python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=jaxdist train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
+  run python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=jaxfsdp train.fsdp=true train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
+  ;;
+esac; done
+echo "=== done" | tee -a "$OUT/session.log"

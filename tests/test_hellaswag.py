@@ -1,0 +1,189 @@
+"""HellaSwag: rendering, the two accuracies, and the mirrored scorers (`babygpt_*/score.py`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from babygpt.config import BabyGPTError, ModelConfig
+from babygpt.eval import hellaswag
+from babygpt.hf import hf_names, write_hf_dir
+from babygpt.tokenizer import get_tokenizer
+
+THE, CAT = 262, 3797  # " the", " cat"
+# A unigram model (below) gives " the" logit 10, " cat" 5 and every other token 0, so the loss of a
+# token is exactly log Z - logit with Z = e^10 + e^5 + (V - 2).
+LOG_Z = float(np.log(np.exp(10.0) + np.exp(5.0) + 50257 - 2))
+
+EXAMPLES = [
+    # the repeated favourite wins by sum and by mean
+    dict(
+        ctx="A man sits down.", endings=["the the the", "dog runs home", "zebra quietly", "cat cat"], label=0
+    ),
+    # long but likely per token: the mean picks it (right), the sum prefers the single rare word
+    dict(
+        ctx="She opens the box and",
+        endings=["the the the the the the the the cat", "wolf", "x y z", "a b"],
+        label=0,
+    ),
+    # the right answer is unlikely under the model: both accuracies miss it
+    dict(
+        ctx="Then",
+        endings=["walks away slowly", "the the", "jumps over the fence", "sings"],
+        label=0,
+        extra=1,
+    ),
+    # a single favourite token, both right
+    dict(ctx="The cat sees", endings=["big dog", "quick fox", "the", "nothing at all"], label=2),
+]
+ACC, ACC_NORM = 0.5, 0.75
+
+
+def _hf_dir(path, config: ModelConfig, unigram: bool):
+    rng = np.random.default_rng(0)
+    shapes = {
+        "wte": (config.vocab_size, config.n_embd),
+        "wpe": (config.block_size, config.n_embd),
+        "c_attn.weight": (config.n_embd, 3 * config.n_embd),
+        "c_fc.weight": (config.n_embd, 4 * config.n_embd),
+        "mlp.c_proj.weight": (4 * config.n_embd, config.n_embd),
+        "attn.c_proj.weight": (config.n_embd, config.n_embd),
+    }
+    tensors = {}
+    for name in hf_names(config):
+        shape = next((s for k, s in shapes.items() if k in name), None)
+        if shape is None:  # LayerNorm and Linear vectors
+            width = {"c_attn": 3, "c_fc": 4}.get(name.split(".")[-2], 1) * config.n_embd
+            shape = (width,)
+            value = np.ones(shape) if "ln_" in name and name.endswith("weight") else rng.normal(0, 0.1, shape)
+        else:
+            value = rng.normal(0, 0.2, shape)
+        tensors[name] = value.astype(np.float32)
+    if unigram:
+        # ln_f's scale 0 and shift e_0 make every position's final state e_0, so the logits are
+        # wte[:, 0] wherever the model looks: a context-free unigram distribution.
+        tensors["transformer.ln_f.weight"][:] = 0
+        tensors["transformer.ln_f.bias"][:] = np.eye(config.n_embd)[0]
+        tensors["transformer.wte.weight"][:, 0] = 0
+        tensors["transformer.wte.weight"][THE, 0] = 10
+        tensors["transformer.wte.weight"][CAT, 0] = 5
+    return write_hf_dir(path, config, tensors)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+    root = tmp_path_factory.mktemp("hellaswag")
+    return dict(
+        unigram=_hf_dir(root / "unigram", config, unigram=True),
+        random=_hf_dir(root / "random", config, unigram=False),
+    )
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "four.jsonl"
+    path.write_text("".join(json.dumps({"activity_label": "test", **e}) + "\n" for e in EXAMPLES))
+    return path
+
+
+@pytest.fixture(scope="module", params=["torch", "jax"])
+def backend(request):
+    return request.param
+
+
+def test_render_marks_exactly_the_ending_tokens():
+    enc = get_tokenizer()
+    example = hellaswag.render_example(EXAMPLES[1], block_size=1024)
+    context = enc.encode_ordinary(EXAMPLES[1]["ctx"])
+    for row, mask, ending in zip(example.tokens, example.mask, EXAMPLES[1]["endings"]):
+        assert row == context + enc.encode_ordinary(" " + ending)
+        assert mask == [0] * len(context) + [1] * (len(row) - len(context))
+    cropped = hellaswag.render_example(EXAMPLES[1], block_size=10)
+    assert cropped.tokens[0] == example.tokens[0][-10:] and cropped.mask[0] == [0] + [1] * 9
+    tokens, mask, labels = hellaswag.pad_batch([example, example], block_size=1024)
+    assert tokens.shape == mask.shape == (8, hellaswag.PAD_MULTIPLE) and list(labels) == [0, 0]
+    assert mask.sum() == 2 * sum(map(sum, example.mask))
+
+
+def test_unigram_model_gives_the_known_losses_and_accuracies(backend, model_dirs, data_file):
+    score, block_size = hellaswag.load_scorer(model_dirs["unigram"], backend)
+    examples = hellaswag.load_examples(data_file)
+    tokens, mask, _ = hellaswag.pad_batch(
+        [hellaswag.render_example(e, block_size) for e in examples], block_size
+    )
+    total, mean = score(tokens, mask)
+    # The expected loss, token by token, from the logits written into the weights.
+    logit = np.where(tokens == THE, 10.0, np.where(tokens == CAT, 5.0, 0.0))
+    expected = ((LOG_Z - logit) * mask).sum(axis=1)
+    # float32 softmax over 50k logits: ~1e-6 relative error per token, summed over <= 10 tokens
+    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(mean, expected / mask.sum(axis=1), rtol=1e-5, atol=1e-4)
+    # Uneven batches (3 + 1 examples) on torch; jax keeps the shape it compiled above.
+    result = hellaswag.evaluate(score, examples, block_size, batch_examples=3 if backend == "torch" else 4)
+    assert result == dict(acc=ACC, acc_norm=ACC_NORM, n=4)
+
+
+def test_scores_predict_each_token_from_the_previous_position(backend, model_dirs, data_file):
+    """Against a plain per-row reference on a random model, so a shift or mask error shows."""
+    import torch
+
+    from babygpt_torch.model import GPT
+
+    reference_model = GPT.from_pretrained(model_dirs["random"]).eval()
+    score, block_size = hellaswag.load_scorer(model_dirs["random"], backend)
+    rendered = [hellaswag.render_example(e, block_size) for e in hellaswag.load_examples(data_file)]
+    tokens, mask, _ = hellaswag.pad_batch(rendered, block_size)
+    total, mean = score(tokens, mask)
+    for i, (row, row_mask) in enumerate((r, m) for e in rendered for r, m in zip(e.tokens, e.mask)):
+        with torch.no_grad():
+            logits, _ = reference_model(torch.tensor([row]))
+        logp = torch.log_softmax(logits[0].double(), dim=-1).numpy()
+        losses = [-logp[t - 1, row[t]] for t in range(1, len(row)) if row_mask[t]]
+        # float32 forward against a float64 log-softmax of the same logits
+        np.testing.assert_allclose(total[i], sum(losses), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(mean[i], np.mean(losses), rtol=1e-5, atol=1e-4)
+
+
+def test_backends_agree_on_losses_and_accuracy(model_dirs, data_file):
+    examples = hellaswag.load_examples(data_file)
+    results, losses = {}, {}
+    for name in ("torch", "jax"):
+        score, block_size = hellaswag.load_scorer(model_dirs["random"], name)
+        tokens, mask, _ = hellaswag.pad_batch(
+            [hellaswag.render_example(e, block_size) for e in examples], block_size
+        )
+        losses[name] = score(tokens, mask)
+        results[name] = hellaswag.evaluate(score, examples, block_size)
+    # The same float32 model in two frameworks: summation order differs, ~1e-6 relative
+    np.testing.assert_allclose(losses["torch"][0], losses["jax"][0], atol=1e-4)
+    np.testing.assert_allclose(losses["torch"][1], losses["jax"][1], atol=1e-4)
+    assert results["torch"] == results["jax"]
+
+
+def test_cli_prints_both_accuracies(model_dirs, data_file):
+    command = [sys.executable, "-m", "babygpt.eval.hellaswag", "--checkpoint", str(model_dirs["unigram"])]
+    done = subprocess.run(
+        [*command, "--backend", "torch", "--data", str(data_file)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"acc {ACC:.4f}  acc_norm {ACC_NORM:.4f}" in done.stdout
+    assert [e["label"] for e in hellaswag.load_examples(data_file, limit=3)] == [0, 0, 0]
+    missing = subprocess.run(
+        [*command, "--data", str(data_file.parent / "nope.jsonl")], capture_output=True, text=True
+    )
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip() == f"error: no such file: {data_file.parent / 'nope.jsonl'}"
+    )
+
+
+def test_download_failure_is_one_clear_line(tmp_path):
+    target = tmp_path / "hellaswag_val.jsonl"
+    with pytest.raises(BabyGPTError, match="cannot download HellaSwag .* fetch it by hand to"):
+        hellaswag.download(target, url="http://127.0.0.1:9/hellaswag_val.jsonl", timeout=5)
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind

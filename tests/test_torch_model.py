@@ -1,0 +1,106 @@
+"""The PyTorch GPT-2: shapes, GPT-2's initialization, weight tying, causality, padding, KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from babygpt.config import ModelConfig
+from babygpt.flops import num_params
+from babygpt_torch.model import GPT
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, vocab_multiple=64)
+    return GPT(config).eval()
+
+
+def test_shapes(model):
+    idx = torch.randint(0, 100, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 128)  # padded vocabulary
+    assert loss is None
+    _, loss = model(idx, idx)
+    assert loss.shape == () and loss.dtype == torch.float32
+
+
+def test_init_statistics_are_gpt2s():
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=1000)
+    m = GPT(config)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            # >= 16k samples each: the sample std is within 1% of sigma; 5% leaves no flakiness
+            assert p.std().item() == pytest.approx(residual_std, rel=0.05), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+            assert abs(p.mean().item()) < 1e-3, name
+        elif "ln_" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            raise AssertionError(f"unexpected parameter {name}")
+
+
+def test_lm_head_is_tied_to_wte(model):
+    assert model.lm_head.weight is model.transformer.wte.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names  # counted once
+
+
+def test_parameter_count_matches_the_flops_formula():
+    with torch.device("meta"):  # GPT-2 124M without allocating it
+        gpt2 = GPT(ModelConfig.preset("gpt2"))
+    assert gpt2.num_params() == num_params(gpt2.config) == 124_475_904
+
+
+@torch.no_grad()
+def test_a_future_token_never_changes_an_earlier_logit(model):
+    idx = torch.randint(0, 100, (2, 16))
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 100
+    a, _ = model(idx)
+    b, _ = model(changed)
+    # positions before 10 compute the same sums over the same values: equal to float32 rounding
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@torch.no_grad()
+def test_padded_logits_are_minus_inf_and_never_win(model):
+    logits, _ = model(torch.randint(0, 100, (2, 16)))
+    assert torch.isneginf(logits[..., 100:]).all()
+    assert torch.isfinite(logits[..., :100]).all()
+    assert (logits.argmax(-1) < 100).all()
+
+
+@torch.no_grad()
+def test_fresh_model_loss_is_ln_vocab():
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)  # the real 50257 vocabulary
+    m = GPT(config).eval()
+    idx = torch.randint(0, 50257, (4, 16))
+    _, loss = m(idx, torch.randint(0, 50257, (4, 16)))
+    # small init gives near-uniform predictions over the 50257 real tokens (padding takes no mass)
+    assert loss.item() == pytest.approx(math.log(50257), abs=0.1)
+
+
+@torch.no_grad()
+def test_kv_cache_decode_equals_full_forward(model):
+    idx = torch.randint(0, 100, (2, 12))
+    full, _ = model(idx)
+    cache = model.init_cache(2, 16)
+    prefix, cache = model.decode(idx[:, :5], cache, 0)  # the prompt in one call
+    steps = [prefix]
+    for t in range(5, 12):  # then one token at a time
+        logits, cache = model.decode(idx[:, t : t + 1], cache, t)
+        steps.append(logits)
+    decoded = torch.cat(steps, dim=1)
+    # same math, different summation order in attention over the cache: float32 rounding only
+    torch.testing.assert_close(decoded[..., :100], full[..., :100], rtol=1e-5, atol=1e-5)
