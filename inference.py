@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 import tomllib
@@ -23,27 +24,49 @@ from babygpt.config import BACKENDS, BabyGPTError
 from babygpt.sampling import SamplingSettings, StreamDecoder
 from babygpt.tokenizer import EOT, encode_prompt, get_tokenizer
 
+log = logging.getLogger("inference")
+
 REPL_HELP = """commands:
   /temp X    temperature (0 is greedy)      /topk N|off   keep the N most likely tokens
   /topp X|off   nucleus sampling (0 < X <= 1)  /max N    new tokens per prompt
   /seed N    random seed                     /help     this text
   /quit      leave (Ctrl-D too)"""
+# command -> the SamplingSettings field it sets, and how to read its value
+REPL_COMMANDS = {
+    "/temp": ("temperature", float),
+    "/topk": ("top_k", int),
+    "/topp": ("top_p", float),
+    "/max": ("max_tokens", int),
+    "/seed": ("seed", int),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", "--model-path", dest="checkpoint", required=True, help="run or HF directory")
-    parser.add_argument("--backend", default=None, help="jax or torch (default: the run's own backend, else jax)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", "--model-path", dest="checkpoint", required=True, help="run or HF directory"
+    )
+    parser.add_argument(
+        "--backend", default=None, help="jax or torch (default: the run's own backend, else jax)"
+    )
     parser.add_argument("--prompt", default=None, help="text to continue (default: start a new document)")
     parser.add_argument("--max-tokens", type=int, default=100, help="new tokens per sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="keep the smallest set with this much probability")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="keep the smallest set with this much probability"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    parser.add_argument(
+        "--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch"
+    )
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
     parser.add_argument("--interactive", action="store_true", help="a prompt per line; /help for commands")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (JAX always jits)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (JAX always jits)"
+    )
     return parser.parse_args(argv)
 
 
@@ -89,7 +112,9 @@ def load_model(backend: str, checkpoint: Path):
 
     from babygpt_jax.model import GPT
 
-    return GPT.from_pretrained(checkpoint, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+    return GPT.from_pretrained(
+        checkpoint, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    )
 
 
 class Sampler:
@@ -185,11 +210,9 @@ def _command(line: str, settings: SamplingSettings) -> SamplingSettings:
     if name == "/help":
         print(REPL_HELP, file=sys.stderr)
         return settings
-    fields = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
-              "/max": ("max_tokens", int), "/seed": ("seed", int)}  # fmt: skip
-    if name not in fields:
+    if name not in REPL_COMMANDS:
         raise BabyGPTError(f"unknown command {name}; /help lists the commands")
-    field, kind = fields[name]
+    field, kind = REPL_COMMANDS[name]
     if value == "off" and field in ("top_k", "top_p"):
         return settings.replace(**{field: None})
     try:
@@ -209,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = Path(args.checkpoint)
     check_checkpoint(checkpoint)
     backend = resolve_backend(checkpoint, args.backend)
+    log.info("sampling %s with the %s backend", checkpoint, backend)
     sampler = Sampler(backend, checkpoint, args.compile)
     if args.interactive:
         repl(sampler, settings, args.num_samples)

@@ -10,7 +10,10 @@ from babygpt.config import BabyGPTError
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own messages at INFO; libraries (orbax, absl, jax) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for package in ("babygpt", "babygpt_jax", "babygpt_torch", "parity", "inference", "__main__"):
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         code = main()
     except BabyGPTError as e:

@@ -121,7 +121,10 @@ def stream_fineweb(subset: str = "sample-10BT") -> Iterator[str]:
         raise BabyGPTError(
             "prepare.py fineweb streams through Hugging Face datasets: pip install datasets"
         ) from None
-    rows = datasets.load_dataset(FINEWEB, name=subset, split="train", streaming=True)
+    try:
+        rows = datasets.load_dataset(FINEWEB, name=subset, split="train", streaming=True)
+    except (OSError, ConnectionError, ValueError) as e:  # offline, or an unknown subset name
+        raise BabyGPTError(f"cannot stream {FINEWEB} {subset}: {e}".splitlines()[0]) from None
     return (row["text"] for row in rows)
 
 

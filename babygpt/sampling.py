@@ -39,7 +39,9 @@ class SamplingSettings:
         if self.top_k is not None and self.top_k < 1:
             raise BabyGPTError(f"top-k must be >= 1, got {self.top_k}; try --top-k 50, or leave it out")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise BabyGPTError(f"top-p must be in (0, 1], got {self.top_p}; try --top-p 0.95, or leave it out")
+            raise BabyGPTError(
+                f"top-p must be in (0, 1], got {self.top_p}; try --top-p 0.95, or leave it out"
+            )
         if self.max_tokens < 1:
             raise BabyGPTError(f"max tokens must be >= 1, got {self.max_tokens}; try --max-tokens 100")
 
@@ -82,7 +84,6 @@ def prefill_length(shortest_prompt: int, cache_len: int) -> int:
     slot before reading it, and the attention mask hides slots not yet reached.
     """
     return min(cache_len, 1 << max(shortest_prompt - 1, 0).bit_length())
-
 
 
 class StreamDecoder:

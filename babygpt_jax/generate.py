@@ -110,7 +110,9 @@ def generate(
     key = jax.random.key(seed)
 
     collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
-    cache, token = prefill(state, cache, padded[:, :width], jnp.int32(shortest), padded, lengths_arr, key, settings)
+    cache, token = prefill(
+        state, cache, padded[:, :width], jnp.int32(shortest), padded, lengths_arr, key, settings
+    )
     last = longest + max_new_tokens - 1  # the last position any row needs
     pending = []
     for pos in range(shortest, last + 1):

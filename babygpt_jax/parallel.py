@@ -98,6 +98,24 @@ def param_shardings(mesh: Mesh, params, fsdp: bool):
     return jax.tree.map(sharding, params)
 
 
+def put_global(tree, shardings):
+    """Host values that every process holds alike, as global arrays laid out by `shardings`.
+
+    `jax.device_put` only reaches this process's devices; building each array from a callback
+    lets every process fill its own shards, on one host or many.
+    """
+
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their data
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+            )
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def make_global_batch(local_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """One global array from every process's rows: each process passes only the rows it read."""
     return jax.make_array_from_process_local_data(sharding, local_array)

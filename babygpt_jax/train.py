@@ -16,7 +16,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -44,6 +43,7 @@ from babygpt_jax.parallel import (
     make_global_batch,
     make_mesh,
     param_shardings,
+    put_global,
     replicated,
     setup_distributed,
     shutdown,
@@ -155,16 +155,16 @@ def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, 
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sharding = param_shardings(mesh, params, fsdp)
-    # From host memory, so that every process places its own shards of each global array.
-    params = jax.device_put(jax.tree.map(np.asarray, params), param_sharding)
+    params = put_global(params, param_sharding)
     opt_sharding = param_shardings(mesh, jax.eval_shape(optimizer.init, params), fsdp)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
-    rest = jax.device_put(rest, replicated(mesh))
+    rest = put_global(rest, jax.tree.map(lambda _: replicated(mesh), rest))
     return graphdef, params, rest, opt_state, param_sharding, opt_sharding
 
 
 def main(config: Config) -> dict:
     """Train as `config` says, resuming if asked; return a summary of the run."""
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     setup_distributed()
     try:
         return _train(config)
@@ -194,7 +194,7 @@ def _train(config: Config) -> dict:
     graphdef, params, rest, opt_state, param_sharding, opt_sharding = init_state(
         model, optimizer, mesh, t.fsdp
     )
-    rng = jax.device_put(np.asarray(jax.random.PRNGKey(t.seed)), replicated(mesh))  # dropout keys
+    rng = put_global(jax.random.PRNGKey(t.seed), replicated(mesh))  # the root of the dropout keys
     train_loader, val_loader = make_loaders(config, plan, jax.process_index(), jax.local_device_count())
 
     start_step = 0
@@ -210,7 +210,8 @@ def _train(config: Config) -> dict:
         graphdef, rest, optimizer, mesh, param_sharding, opt_sharding, config.model.dropout > 0
     )
     eval_fn = make_eval_step(graphdef, rest, mesh, param_sharding)
-    schedule = lr_schedule(t)
+    schedule = jax.jit(lr_schedule(t))  # for the log; jitted so that it compiles once, here
+    schedule(start_step)
     batches = batch_sharding(mesh)
     manager = checkpoint_manager(run_dir, t.keep_checkpoints)
 
@@ -225,9 +226,11 @@ def _train(config: Config) -> dict:
             f" ({plan.accumulation_steps} micro-steps) | {jnp.dtype(dtype).name} compute"
         )
 
+    gather = jax.jit(lambda p: p, out_shardings=replicated(mesh))  # whole on every device
+
     def host_params():
         """The parameters gathered whole onto every process, as numpy, for export and sampling."""
-        return jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(params))
+        return jax.device_get(gather(params))
 
     def checkpoint(step: int) -> None:
         save_checkpoint(manager, step, params, opt_state, train_loader.state_dict(), rng, config.model)

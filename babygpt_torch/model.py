@@ -165,7 +165,7 @@ def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
             continue  # tied to transformer.wte.weight
-        array = tensor.detach().float().cpu().numpy()
+        array = tensor.detach().float().cpu().numpy().copy()  # a snapshot, not a view of live weights
         if name.endswith(CONV1D_WEIGHTS):
             array = array.T
         if name == "transformer.wte.weight":

@@ -21,12 +21,17 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.hf import read_hf_dir, write_hf_dir
+
+if TYPE_CHECKING:  # the backends are imported lazily: converting needs only the ones involved
+    import babygpt_jax.model
+    import babygpt_torch.model
 
 WTE = "transformer.wte.weight"
 SOURCE_KINDS = ("torch", "jax", "hf")
@@ -37,7 +42,7 @@ Tensors = dict[str, np.ndarray]
 # --- PyTorch ---------------------------------------------------------------------------------
 
 
-def torch_model(config: ModelConfig, tensors: Tensors):
+def torch_model(config: ModelConfig, tensors: Tensors) -> babygpt_torch.model.GPT:
     """A torch `GPT` holding `tensors` (full or HF layout; missing padded rows become zeros)."""
     from babygpt_torch.model import GPT, load_hf_tensors
 
@@ -46,7 +51,7 @@ def torch_model(config: ModelConfig, tensors: Tensors):
     return model.eval()
 
 
-def torch_tensors(model) -> Tensors:
+def torch_tensors(model: babygpt_torch.model.GPT) -> Tensors:
     """A torch `GPT`'s weights in the full layout."""
     from babygpt_torch.model import hf_tensors
 
@@ -56,7 +61,7 @@ def torch_tensors(model) -> Tensors:
     return out
 
 
-def torch_grads(model) -> Tensors:
+def torch_grads(model: babygpt_torch.model.GPT) -> Tensors:
     """The `.grad` of every parameter, in the full layout (the same names and transposes)."""
     return torch_named_to_tensors(model.config, {n: p.grad for n, p in model.named_parameters()})
 
@@ -89,7 +94,7 @@ def tensors_to_state_dict(tensors: Tensors, config: ModelConfig) -> dict:
 # --- JAX -------------------------------------------------------------------------------------
 
 
-def jax_model(config: ModelConfig, tensors: Tensors, dtype=None):
+def jax_model(config: ModelConfig, tensors: Tensors, dtype=None) -> babygpt_jax.model.GPT:
     """A JAX `GPT` holding `tensors`; `dtype` is the compute dtype (float32 by default)."""
     import jax.numpy as jnp
     from flax import nnx
@@ -101,12 +106,14 @@ def jax_model(config: ModelConfig, tensors: Tensors, dtype=None):
     return model
 
 
-def jax_tensors(model) -> Tensors:
+def jax_tensors(model: babygpt_jax.model.GPT) -> Tensors:
     """A JAX `GPT`'s weights in the full layout."""
     from babygpt_jax.model import hf_tensors
 
-    out = hf_tensors(model)
-    out[WTE] = np.asarray(model.transformer.wte.embedding[...], dtype=np.float32).copy()
+    out = {
+        name: np.array(array, dtype=np.float32) for name, array in hf_tensors(model).items()
+    }  # writable copies
+    out[WTE] = np.array(model.transformer.wte.embedding[...], dtype=np.float32)
     return out
 
 

@@ -19,7 +19,8 @@ import babygpt_torch.model as torch_gpt
 from babygpt.cli import run_cli
 from babygpt.hf import read_hf_dir, write_hf_dir
 from parity import convert
-from parity.conftest import SHAPES, o1_tensors
+from parity.conftest import SHAPES
+from parity.weights import o1_tensors
 
 WTE = "transformer.wte.weight"
 

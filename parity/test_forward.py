@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from flax import nnx
 
 from babygpt.hf import write_hf_dir
-from parity.conftest import SHAPES, o1_tensors, random_batch
+from parity.conftest import SHAPES
 from parity.convert import jax_model, jax_params_to_tensors, to_hf, torch_grads, torch_model
+from parity.weights import o1_tensors, random_batch
 
 # float32 has a 6e-8 unit roundoff; dot products summed in different orders (XLA vs ATen vs HF's
 # Conv1D) differ by ~5e-7 of the logits' scale here. 5e-6 is 10x that, and 20x below the change

@@ -13,8 +13,9 @@ import torch
 import babygpt_jax.generate as jax_generate
 import babygpt_torch.generate as torch_generate
 from babygpt.hf import write_hf_dir
-from parity.conftest import SHAPES, o1_tensors
+from parity.conftest import SHAPES
 from parity.convert import jax_model, to_hf, torch_model
+from parity.weights import o1_tensors
 
 CONFIG = SHAPES["heads4-pad"]
 PROMPTS = [[5, 17, 42], [99, 0, 63, 8, 21]]  # different lengths: the batch path pads

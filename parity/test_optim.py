@@ -18,7 +18,7 @@ from flax import nnx
 import babygpt_jax.optim as jax_optim
 import babygpt_torch.optim as torch_optim
 from babygpt.config import TrainConfig
-from parity.conftest import SHAPES, o1_tensors, random_batch
+from parity.conftest import SHAPES
 from parity.convert import (
     jax_model,
     jax_params_to_tensors,
@@ -26,6 +26,7 @@ from parity.convert import (
     torch_named_to_tensors,
     torch_tensors,
 )
+from parity.weights import o1_tensors, random_batch
 
 # Large weight decay and learning rate, so a wrong mask or a wrong lr moves the params visibly.
 TRAIN = TrainConfig(max_steps=6, warmup_steps=2, max_lr=1e-2, weight_decay=0.5, grad_clip=1.0)

@@ -257,4 +257,3 @@ def test_stream_decoder_holds_a_split_emoji_until_complete():
     assert "".join(pieces) + decoder.flush() == enc.decode(tokens)
     cut = StreamDecoder.for_tokenizer(enc)
     assert cut.feed(tokens[1]) + cut.flush() == enc.decode(tokens[1:2])  # an unfinished character: U+FFFD
-

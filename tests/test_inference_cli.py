@@ -7,6 +7,7 @@ bytes are split across two tokens, which is what streaming has to get right.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "backend, stream", [("jax", False), ("jax", True), ("torch", True)], ids=["jax", "jax-stream", "torch-stream"]
+    "backend, stream",
+    [("torch", False), ("torch", True), ("jax", True)],
+    ids=["torch", "torch-stream", "jax-stream"],  # one JAX start-up: the slow one
 )
 def test_greedy_completion_is_the_same_streamed_or_not_in_both_backends(rigged_dir, backend, stream):
     args = ["--checkpoint", str(rigged_dir), "--backend", backend, "--prompt", PROMPT, "--temperature", "0"]
@@ -69,7 +72,9 @@ def test_greedy_completion_is_the_same_streamed_or_not_in_both_backends(rigged_d
 
 def test_interactive_session_through_a_pipe(rigged_dir):
     lines = ["/temp 0", "/max 2", PROMPT, "/max 8", "/topk 5", PROMPT, "/temp -1", "/bogus", ""]
-    result = run("--model-path", str(rigged_dir), "--backend", "torch", "--interactive", stdin="\n".join(lines))
+    result = run(
+        "--model-path", str(rigged_dir), "--backend", "torch", "--interactive", stdin="\n".join(lines)
+    )
     assert result.returncode == 0, result.stderr  # end of input leaves cleanly
     # Greedy after /temp 0, whatever the seed; two new tokens, then the whole completion.
     assert result.stdout == f"{PROMPT} smile \ufffd\n{PROMPT}{COMPLETION}\n"
@@ -79,9 +84,13 @@ def test_interactive_session_through_a_pipe(rigged_dir):
     assert "6 tokens in " in result.stderr.splitlines()[-1]
 
 
-def test_quit_command_leaves_with_exit_0(rigged_dir):
-    result = run("--checkpoint", str(rigged_dir), "--backend", "torch", "--interactive", stdin="/quit\nHi\n")
+def test_quit_command_leaves_with_exit_0_and_a_run_picks_its_own_backend(rigged_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(rigged_dir, run_dir)
+    (run_dir / "config.toml").write_text('[run]\nbackend = "torch"\n')
+    result = run("--checkpoint", str(run_dir), "--interactive", stdin="/quit\nHi\n")
     assert result.returncode == 0, result.stderr
+    assert "with the torch backend" in result.stderr  # from the run's config.toml, not the jax default
     assert result.stdout == ""
     assert "0 tokens in " in result.stderr.splitlines()[-1]
 
