@@ -1,12 +1,13 @@
-"""Text generation with a KV cache in JAX: prefill once, then one jitted step per token.
+"""Text generation with a KV cache in JAX: prefill once, then the whole decode loop on the device.
 
-The mirror of `babygpt_torch/generate.py`: the same filters, the same batch layout and the same loop.
+The mirror of `babygpt_torch/generate.py`: the same filters and the same batch layout.
 The paradigm shows in the cache (a value each jitted step takes and returns, donated so XLA updates
 it in place, rather than a buffer written in place), the randomness (a `jax.random` key folded with
 the position, sampled inside the jit) and compilation: the model is `nnx.split` once into a static
 graph and its parameters, and the steps are compiled for static shapes (the cache length and the
 prefill width are rounded up to buckets, `babygpt.sampling`), so a new prompt length, a new
-temperature, top-k or top-p does not recompile.
+temperature, top-k or top-p does not recompile. Without a per-token callback the decode loop itself
+is compiled (`lax.while_loop`), so the host waits once per call, not once per token.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ import numpy as np
 from flax import nnx
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts, prefill_length
-
-# Without a per-token callback, tokens stay on the device and the host checks for stop tokens
-# every this many steps, so a GPU is not made to wait for Python after every token.
-CHECK_EVERY = 8
 
 
 def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
@@ -86,21 +83,23 @@ def generate(
     prompt token instead of a sample. So each row sees exactly its own tokens at its own positions,
     and a batch gives each prompt's greedy output alone. Prompts longer than
     `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
-    `on_token(row, token)` is called for each new token as it is chosen.
+    `on_token(row, token)` is called for each new token as it is chosen; without it the whole
+    decode loop runs on the device in one call, and the host reads the tokens once at the end.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     lengths = [len(p) for p in prompts]
     shortest, longest = min(lengths), max(lengths)
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
-    cache = model.init_cache(B, S, model.dtype)
-    padded = np.zeros((B, S), np.int32)  # as wide as the cache: one shape per bucket
+    # Every row's token at every position: the prompts, then what decoding chooses. One column
+    # more than the cache, because the last chosen token is never fed back.
+    tokens = np.zeros((B, S + 1), np.int32)
     for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = prompt
-    padded, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
-    width = prefill_length(shortest, S)
+        tokens[row, : len(prompt)] = prompt
+    tokens, lengths_arr = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+    chunk = tokens[:, : prefill_length(shortest, S)]
     graphdef, state = nnx.split(model)
-    prefill, step = _compiled_steps(graphdef, top_k is not None or top_p is not None)
+    prefill, step, decode_loop = _compiled_steps(graphdef, top_k is not None or top_p is not None)
     # Traced, so a new value reuses the compiled steps.
     settings = (
         jnp.float32(temperature),
@@ -108,53 +107,103 @@ def generate(
         jnp.float32(1.0 if top_p is None else top_p),
     )
     key = jax.random.key(seed)
-
-    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
-    cache, token = prefill(
-        state, cache, padded[:, :width], jnp.int32(shortest), padded, lengths_arr, key, settings
-    )
     last = longest + max_new_tokens - 1  # the last position any row needs
-    pending = []
-    for pos in range(shortest, last + 1):
-        pending.append((pos, token))
-        if on_token is not None or len(pending) == CHECK_EVERY or pos == last:
-            for p, t in pending:
-                collector.add(p, np.asarray(t).tolist())
-            pending.clear()
+    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
+
+    if on_token is None:
+        ends = lengths_arr + max_new_tokens - 1  # each row's last position
+        stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no token id matches
+        tokens = np.asarray(
+            decode_loop(
+                state,
+                chunk,
+                jnp.int32(shortest),
+                jnp.int32(last),
+                tokens,
+                lengths_arr,
+                ends,
+                stop,
+                key,
+                settings,
+            )
+        )
+        for pos in range(shortest, last + 1):
+            collector.add(pos, tokens[:, pos].tolist())
             if collector.finished:
                 break
-        if pos == last:
+        return collector.tokens
+
+    cache = model.init_cache(B, S, model.dtype)
+    cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
+    for pos in range(shortest, last + 1):
+        collector.add(pos, np.asarray(token).tolist())
+        if collector.finished or pos == last:
             break
-        cache, token = step(state, cache, token, jnp.int32(pos), padded, lengths_arr, key, settings)
+        cache, token = step(state, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
     return collector.tokens
 
 
 @functools.cache
 def _compiled_steps(graphdef, filtered: bool):
-    """The jitted prefill and decode step for one model structure (and whether filters are on)."""
+    """The jitted prefill, decode step and whole decode loop for one model structure (and filters)."""
 
     def model_of(state):
         model = nnx.merge(graphdef, state)
         model.eval()  # no dropout while sampling
         return model
 
-    def choose(logits, pos, padded, lengths, key, settings):
+    def choose(logits, pos, tokens, lengths, key, settings):
         """The token every row holds at `pos`: its prompt's while inside it, else a sample."""
         temperature, top_k, top_p = settings
         filters = (top_k, top_p) if filtered else (None, None)
         sampled = sample(logits, jax.random.fold_in(key, pos), temperature, *filters)
-        prompt_token = jnp.take(padded, pos, axis=1, mode="clip")
+        prompt_token = jnp.take(tokens, pos, axis=1, mode="clip")
         return jnp.where(pos < lengths, prompt_token, sampled).astype(jnp.int32)
 
-    def prefill(state, cache, chunk, n, padded, lengths, key, settings):
+    def prefill(state, cache, chunk, n, tokens, lengths, key, settings):
         # chunk (B, width) is the prompts past the shortest one's n tokens too: their keys and
         # values are overwritten by the decode steps before any step can attend to them.
         logits, cache = model_of(state).decode(chunk, cache, 0)  # (B, width, V)
         last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
-        return cache, choose(last_logits, n, padded, lengths, key, settings)
+        return cache, choose(last_logits, n, tokens, lengths, key, settings)
 
-    def step(state, cache, token, pos, padded, lengths, key, settings):
+    def step(state, cache, token, pos, tokens, lengths, key, settings):
         logits, cache = model_of(state).decode(token[:, None], cache, pos)  # (B, 1, V)
-        return cache, choose(logits[:, 0], pos + 1, padded, lengths, key, settings)
+        return cache, choose(logits[:, 0], pos + 1, tokens, lengths, key, settings)
 
-    return jax.jit(prefill, donate_argnums=1), jax.jit(step, donate_argnums=1)
+    def decode_loop(state, chunk, n, last, tokens, lengths, ends, stop, key, settings):
+        """Prefill, then decode steps in a `lax.while_loop` until position `last` or every row is done.
+
+        The cache is made and consumed inside, so it never leaves the device; the loop carries it,
+        the (B, S + 1) tokens, a done-mask and the position. Returns the tokens.
+        """
+        B, S = tokens.shape[0], tokens.shape[1] - 1
+        model = model_of(state)
+
+        def write(tokens, token, pos):
+            done = (pos >= ends) | ((pos >= lengths) & (token == stop))  # (B,)
+            return jax.lax.dynamic_update_index_in_dim(tokens, token, pos, axis=1), done
+
+        cache, token = prefill(
+            state, model.init_cache(B, S, model.dtype), chunk, n, tokens, lengths, key, settings
+        )
+        tokens, done = write(tokens, token, n)
+
+        def not_done(carry):
+            pos, _, _, done = carry
+            return (pos < last) & ~jnp.all(done)
+
+        def body(carry):
+            pos, cache, tokens, done = carry
+            token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
+            cache, token = step(state, cache, token, pos, tokens, lengths, key, settings)
+            tokens, now_done = write(tokens, token, pos + 1)
+            return pos + 1, cache, tokens, done | now_done
+
+        return jax.lax.while_loop(not_done, body, (n, cache, tokens, done))[2]
+
+    return (
+        jax.jit(prefill, donate_argnums=1),
+        jax.jit(step, donate_argnums=1),
+        jax.jit(decode_loop, donate_argnums=4),
+    )

@@ -142,8 +142,9 @@ def generate_sample(model: GPT, config: Config) -> str:
     from babygpt_jax.generate import generate
 
     t = config.train
-    prompt = encode_prompt(t.sample_prompt)
-    [tokens] = generate(model, [prompt], t.sample_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    prompt = encode_prompt(t.sample_prompt)[-config.model.block_size + 1 :]
+    new_tokens = min(t.sample_tokens, config.model.block_size - len(prompt))  # the KV cache holds one context
+    [tokens] = generate(model, [prompt], new_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
     return get_tokenizer().decode(prompt + list(tokens))
 
 

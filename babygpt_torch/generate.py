@@ -1,13 +1,16 @@
 """Text generation with a KV cache in PyTorch: prefill once, then one token per step, in place.
 
-The mirror of `babygpt_jax/generate.py`: the same filters, the same batch layout and the same loop.
-The paradigm shows in the cache (a buffer `decode` writes in place, here; a value returned by a
-jitted step, there), the randomness (a seeded `torch.Generator` instead of a split `jax.random`
-key) and compilation (an optional `torch.compile` of the decode step instead of `jax.jit`).
+The mirror of `babygpt_jax/generate.py`: the same filters and the same batch layout. The paradigm
+shows in the cache (a buffer `decode` writes in place, here; a value returned by a jitted step,
+there), the randomness (a seeded `torch.Generator` instead of a split `jax.random` key) and the
+loop: Python steps through the positions, and on CUDA each step replays a CUDA graph
+(`torch.compile(mode="reduce-overhead")`) over buffers at fixed addresses, where JAX compiles the
+whole loop into one `lax.while_loop`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,8 +18,8 @@ import torch.nn.functional as F
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts
 
-# Without a per-token callback, tokens stay on the device and the host checks for stop tokens
-# every this many steps, so a GPU is not made to wait for Python after every token.
+# Without a per-token callback, tokens stay on the device and the host looks for the stop token
+# every this many steps (without a stop token, only at the end), so the GPU never waits for Python.
 CHECK_EVERY = 8
 
 
@@ -72,7 +75,7 @@ def generate(
     seed: int = 0,
     stop_token: int | None = 50256,
     on_token: Callable[[int, int], None] | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
 
@@ -81,7 +84,9 @@ def generate(
     prompt token instead of a sample. So each row sees exactly its own tokens at its own positions,
     and a batch gives each prompt's greedy output alone. Prompts longer than
     `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
-    `on_token(row, token)` is called for each new token as it is chosen.
+    `on_token(row, token)` is called for each new token as it is chosen; without it the host reads
+    the tokens every CHECK_EVERY steps (with a stop token) or once at the end (without one).
+    `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -90,43 +95,90 @@ def generate(
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
     device = model.lm_head.weight.device
     on_gpu = device.type == "cuda"
-    cache = model.init_cache(B, S, torch.bfloat16 if on_gpu else torch.float32)
-    padded = torch.zeros(B, longest, dtype=torch.long)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    buffers, (logits_at, commit, greedy_step) = _compiled_steps(
+        model, B, S, device, dtype, on_gpu if compile is None else compile
+    )
+    cache, tokens, lengths_t, pos_t = buffers
+    # Every row's token at every position: the prompts, then what decoding chooses. One column
+    # more than the cache, because the last chosen token is never fed back.
+    padded = torch.zeros(B, S + 1, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
-    padded = padded.to(device)  # (B, T)
-    lengths_t = torch.tensor(lengths, device=device)
+    tokens.copy_(padded)
+    lengths_t.copy_(torch.tensor(lengths))
     generator = torch.Generator(device).manual_seed(seed)
-    decode = torch.compile(model.decode) if compile else model.decode
 
-    def choose(logits: torch.Tensor, pos: int) -> torch.Tensor:
-        """The token every row holds at `pos`: its prompt's while inside it, else a sample."""
-        sampled = sample(logits, generator, temperature, top_k, top_p)
-        if pos >= longest:
-            return sampled
-        return torch.where(pos < lengths_t, padded[:, pos], sampled)
+    def step(pos: int) -> None:
+        """Choose every row's token at pos + 1: greedy wholly in the step, else sampled after it."""
+        pos_t.fill_(pos)
+        if temperature == 0:
+            greedy_step()
+        else:
+            commit(sample(logits_at(), generator, temperature, top_k, top_p))
 
     was_training = model.training
     model.eval()
     collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            logits, cache = decode(padded[:, :shortest], cache, 0)
-            token = choose(logits[:, -1], shortest)  # (B,)
+            logits, _ = model.decode(tokens[:, :shortest], cache, 0)
+            pos_t.fill_(shortest - 1)
+            commit(sample(logits[:, -1], generator, temperature, top_k, top_p))
             last = longest + max_new_tokens - 1  # the last position any row needs
-            pending = []
+            seen = shortest  # the first position the collector has not read
             for pos in range(shortest, last + 1):
-                pending.append((pos, token))
-                if on_token is not None or len(pending) == CHECK_EVERY or pos == last:
-                    for p, t in pending:
-                        collector.add(p, t.tolist())
-                    pending.clear()
+                due = stop_token is not None and (pos + 1 - shortest) % CHECK_EVERY == 0
+                if on_token is not None or due or pos == last:
+                    for p, column in zip(range(seen, pos + 1), tokens[:, seen : pos + 1].T.tolist()):
+                        collector.add(p, column)
+                    seen = pos + 1
                     if collector.finished:
                         break
                 if pos == last:
                     break
-                logits, cache = decode(token[:, None], cache, pos)
-                token = choose(logits[:, -1], pos + 1)
+                step(pos)
     finally:
         model.train(was_training)
     return collector.tokens
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_steps(
+    model, batch_size: int, cache_len: int, device: torch.device, dtype: torch.dtype, compile: bool
+):
+    """The decode buffers and the (compiled) one-token decode step, built once per shape.
+
+    Buffers: the KV cache, every row's token at every position (B, S + 1), the prompt lengths (B,)
+    and the position the next step decodes (1,). Steps: `logits_at()`, `commit(token)`, which
+    writes every row's token at the next position, and `greedy_step()`, the two with argmax between.
+    Capturable as a CUDA graph: fixed shapes, the position a device tensor, no read back to the
+    host, and every buffer at a fixed address, so a graph replays with new values, not new tensors.
+    """
+    cache = model.init_cache(batch_size, cache_len, dtype)
+    tokens = torch.zeros(batch_size, cache_len + 1, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+
+    def logits_at() -> torch.Tensor:
+        """(B, V) logits for the token after `pos`, from the token every row holds at `pos`."""
+        logits, _ = model.decode(tokens.index_select(1, pos), cache, pos)  # (B, 1, V)
+        return logits[:, -1].float()
+
+    def commit(token: torch.Tensor) -> None:
+        """Write every row's token at pos + 1: its prompt's while inside it, else `token`."""
+        nxt = pos + 1
+        prompt_token = tokens.index_select(1, nxt)[:, 0]
+        tokens.index_copy_(1, nxt, torch.where(nxt < lengths, prompt_token, token)[:, None])
+
+    def greedy_step() -> None:
+        commit(torch.argmax(logits_at(), dim=-1))
+
+    buffers = (cache, tokens, lengths, pos)
+    if not compile:
+        return buffers, (logits_at, commit, greedy_step)
+    for buffer in (tokens, lengths, pos, *(t for layer in cache for t in layer)):
+        torch._dynamo.mark_static_address(buffer)  # written in place by the graph, never moved
+    # reduce-overhead: CUDA graphs; fullgraph: a host sync (a graph break) fails loudly, not slowly.
+    options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return buffers, (torch.compile(logits_at, **options), commit, torch.compile(greedy_step, **options))

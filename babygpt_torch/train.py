@@ -96,10 +96,11 @@ def evaluate(
 
 
 def generate_sample(model: GPT, config: Config) -> str:
-    """A sample from the trained model: `train.sample_tokens` tokens after `train.sample_prompt`."""
+    """A sample from the trained model: up to `train.sample_tokens` tokens after `train.sample_prompt`."""
     t = config.train
-    prompt = encode_prompt(t.sample_prompt)
-    [tokens] = generate(model, [prompt], t.sample_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    prompt = encode_prompt(t.sample_prompt)[-config.model.block_size + 1 :]
+    new_tokens = min(t.sample_tokens, config.model.block_size - len(prompt))  # the KV cache holds one context
+    [tokens] = generate(model, [prompt], new_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
     return get_tokenizer().decode(prompt + list(tokens))
 
 

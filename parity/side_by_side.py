@@ -100,9 +100,6 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_rng_state": "torch's RNG is global state to save; JAX's is an explicit key saved as an array",
         "_set_rng_state": "restores torch's global RNG state; JAX restores its key like any array",
     },
-    ("generate", "jax"): {
-        "_compiled_steps": "the prefill and decode steps jitted once per model structure; torch runs eagerly",
-    },
     ("score", "jax"): {
         "_completion_losses": "the pure function of (graphdef, state) that jax.jit compiles; torch calls the module",
     },

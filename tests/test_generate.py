@@ -194,6 +194,48 @@ def test_on_token_sees_every_new_token_in_order(backend, models):
     assert seen == out
 
 
+# --- the decode loop without a callback ------------------------------------------------------
+# Without on_token the loop runs without the host: JAX compiles it into one lax.while_loop, torch
+# reads the tokens back only at the end (or every CHECK_EVERY steps to see a stop token). With
+# on_token both step one token at a time and hand each over. The tokens must not differ.
+
+
+def _streamed(backend, models, prompts, max_new_tokens, **kwargs):
+    return generate(backend, models, prompts, max_new_tokens, on_token=lambda row, token: None, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=0.0),
+        dict(temperature=1.3, seed=2),
+        dict(temperature=0.9, top_k=20, top_p=0.9, seed=5),
+    ],
+    ids=["greedy", "sampled", "filtered"],
+)
+def test_device_loop_equals_the_step_by_step_loop(backend, models, kwargs):
+    stepped = _streamed(backend, models, PROMPTS, 12, stop_token=None, **kwargs)
+    assert generate(backend, models, PROMPTS, 12, stop_token=None, **kwargs) == stepped
+    assert all(len(row) == 12 for row in stepped)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("at", [0, 2, 10], ids=["first-token", "third-token", "eleventh-token"])
+@pytest.mark.parametrize("rows", [3, 1], ids=["batch", "one-row"])
+def test_device_loop_stops_at_the_stop_token(backend, models, at, rows):
+    """Stop at row 0's new token `at` (sampled, so tokens vary): each row ends at its first stop.
+
+    With one row, every row is done at once and the loop ends early (at once at the first token).
+    """
+    kwargs = dict(temperature=1.3, seed=2)
+    free = generate(backend, models, PROMPTS[:rows], 12, stop_token=None, **kwargs)
+    stop = free[0][at]
+    expected = [row[: row.index(stop)] if stop in row else row for row in free]
+    assert generate(backend, models, PROMPTS[:rows], 12, stop_token=stop, **kwargs) == expected
+    assert _streamed(backend, models, PROMPTS[:rows], 12, stop_token=stop, **kwargs) == expected
+
+
 # --- the context window ---------------------------------------------------------------------
 
 
@@ -219,11 +261,13 @@ def test_crop_and_bucket_lengths():
 
 
 def test_jax_steps_compile_once_per_bucket(models):
-    """A new prompt length in the same bucket, or new sampling values, reuse the compiled steps."""
+    """A new prompt length, max_new_tokens, stop token or sampling value in the same bucket reuses
+    the compiled steps, the whole decode loop included."""
     steps = jgen._compiled_steps(nnx.split(models["jax"])[0], True)
     generate("jax", models, PROMPTS, 3, top_k=5, seed=1)
     before = [f._cache_size() for f in steps]
     generate("jax", models, [[1], [2, 3], [4, 5, 6, 7, 8]], 5, top_k=9, top_p=0.5, temperature=0.3, seed=2)
+    generate("jax", models, [[7], [8, 9], [1, 2, 3]], 9, top_k=3, temperature=0.0, stop_token=None)
     assert [f._cache_size() for f in steps] == before
 
 

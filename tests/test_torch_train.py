@@ -344,8 +344,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, tiny_config, args, message
     assert not (tiny_config.run_dir / "metrics.jsonl").exists()
 
 
-def test_generate_sample_continues_the_prompt(tiny_config):
-    config = _with(tiny_config, sample_tokens=5, sample_prompt="ROMEO:")
+def test_generate_sample_continues_the_prompt_within_the_context(tiny_config):
+    # 50 tokens do not fit a 16-token context after the prompt: the sample is shortened, not an error
+    config = _with(tiny_config, sample_tokens=50, sample_prompt="ROMEO:")
     config = _with(config, "model", vocab_size=50257)  # the prompt is real GPT-2 tokens
     torch.manual_seed(0)
     model = GPT(config.model).eval()
