@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from babygpt.config import BabyGPTError, Config
+from babygpt.files import atomic_open
 from babygpt.tokenizer import EOT, asset_path, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -35,16 +35,8 @@ def write_shard(path: str | Path, tokens: Sequence[int] | np.ndarray) -> None:
             f"token id {int(tokens.max())} does not fit in uint16 shards (max 65535);"
             " use a tokenizer with fewer than 65,536 tokens"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, tokens.astype(np.uint16))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.save(f, tokens.astype(np.uint16))
 
 
 def write_meta(data_dir: str | Path, **meta) -> None:

@@ -7,6 +7,7 @@ kernels and unlike `nn.Linear`; the vocabulary is unpadded (50257 rows) and `lm_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -57,6 +58,13 @@ def hf_config_dict(config: ModelConfig) -> dict:
         "eos_token_id": 50256,
         "babygpt_bias": config.bias,
     }
+
+
+def shape_mismatches(pretrained: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """The shape fields in which a checkpoint's model differs from the configured one."""
+    fields = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")
+    have, want = dataclasses.asdict(pretrained), dataclasses.asdict(wanted)
+    return [f"model.{k}={have[k]!r} (config: {want[k]!r})" for k in fields if have[k] != want[k]]
 
 
 def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:

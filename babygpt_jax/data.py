@@ -81,10 +81,6 @@ class GrainLoader:
         self.position += self.micro_steps
         return x, y
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
     def reset(self) -> None:
         self.load_state_dict({"position": 0})
 

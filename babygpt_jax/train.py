@@ -10,7 +10,6 @@ the micro-batches inside the step, and the collectives data parallelism needs ar
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
@@ -20,10 +19,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from babygpt.config import BabyGPTError, Config, ModelConfig
+from babygpt.config import BabyGPTError, Config
 from babygpt.data import ensure_dataset
 from babygpt.flops import peak_flops
-from babygpt.hf import read_hf_dir
+from babygpt.hf import read_hf_dir, shape_mismatches
 from babygpt.run import MetricsLog, Throughput, check_finite, plan_batch, prepare_run_dir
 from babygpt.tokenizer import encode_prompt, get_tokenizer
 from babygpt_jax.checkpoint import (
@@ -318,7 +317,7 @@ def _build_model(config: Config, dtype) -> GPT:
     model = GPT(config.model, rngs=nnx.Rngs(config.train.seed), dtype=dtype)
     if config.train.init_from:
         pretrained, tensors = read_hf_dir(config.train.init_from)
-        diffs = _shape_diffs(pretrained, config.model)
+        diffs = shape_mismatches(pretrained, config.model)
         if diffs:
             raise BabyGPTError(
                 f"train.init_from={config.train.init_from} has {', '.join(diffs)};"
@@ -326,12 +325,6 @@ def _build_model(config: Config, dtype) -> GPT:
             )
         load_hf_tensors(model, tensors)
     return model
-
-
-def _shape_diffs(pretrained: ModelConfig, wanted: ModelConfig) -> list[str]:
-    fields = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")
-    have, want = dataclasses.asdict(pretrained), dataclasses.asdict(wanted)
-    return [f"model.{k}={have[k]!r} (config: {want[k]!r})" for k in fields if have[k] != want[k]]
 
 
 def _compute_dtype(dtype: str):

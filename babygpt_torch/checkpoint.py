@@ -12,13 +12,13 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from babygpt.config import BabyGPTError
+from babygpt.files import atomic_open
 from babygpt.hf import write_hf_dir
 from babygpt_torch.model import hf_tensors
 
@@ -64,14 +64,8 @@ def save_checkpoint(
         "loader": dict(loader_state),
         "rng": rng_state,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(state, f)
     for old in _steps(run_dir)[: -max(keep, 1)]:
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
     return path

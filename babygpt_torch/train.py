@@ -9,16 +9,15 @@ gradients across processes on the last micro-step only (`no_sync` before it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 
 import torch
 import torch.nn as nn
 
-from babygpt.config import BabyGPTError, Config, ModelConfig
+from babygpt.config import BabyGPTError, Config
 from babygpt.data import ensure_dataset
 from babygpt.flops import peak_flops
-from babygpt.hf import read_hf_dir
+from babygpt.hf import read_hf_dir, shape_mismatches
 from babygpt.run import BatchPlan, MetricsLog, Throughput, check_finite, plan_batch, prepare_run_dir
 from babygpt.tokenizer import encode_prompt, get_tokenizer
 from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
@@ -232,7 +231,7 @@ def _build_model(config: Config) -> GPT:
     model = GPT(config.model)
     if config.train.init_from:
         pretrained, tensors = read_hf_dir(config.train.init_from)
-        diffs = _shape_diffs(pretrained, config.model)
+        diffs = shape_mismatches(pretrained, config.model)
         if diffs:
             raise BabyGPTError(
                 f"train.init_from={config.train.init_from} has {', '.join(diffs)};"
@@ -240,12 +239,6 @@ def _build_model(config: Config) -> GPT:
             )
         load_hf_tensors(model, tensors)
     return model
-
-
-def _shape_diffs(pretrained: ModelConfig, wanted: ModelConfig) -> list[str]:
-    fields = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias")
-    have, want = dataclasses.asdict(pretrained), dataclasses.asdict(wanted)
-    return [f"model.{k}={have[k]!r} (config: {want[k]!r})" for k in fields if have[k] != want[k]]
 
 
 def _compute_dtype(dtype: str, device_type: str) -> torch.dtype:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,7 @@ import numpy as np
 
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, ModelConfig
+from babygpt.files import atomic_open
 from babygpt.hf import read_hf_dir, write_hf_dir
 
 if TYPE_CHECKING:  # the backends are imported lazily: converting needs only the ones involved
@@ -240,14 +239,8 @@ def save_state_dict(path: str | Path, config: ModelConfig, tensors: Tensors) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model_config": dataclasses.asdict(config), "model": tensors_to_state_dict(tensors, config)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(state, f)
     return path
 
 

@@ -16,8 +16,6 @@ import importlib
 import json
 import logging
 import math
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -28,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from babygpt.config import BACKENDS, BabyGPTError
+from babygpt.files import atomic_open
 from babygpt.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,17 +51,13 @@ def download(path: str | Path, url: str = HELLASWAG_URL, timeout: float = 30) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_open(path) as f, urllib.request.urlopen(url, timeout=timeout) as response:
             f.write(response.read())
-        os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
         raise BabyGPTError(
             f"cannot download HellaSwag from {url} ({getattr(e, 'reason', e)}); fetch it by hand to {path}"
         ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
