@@ -121,6 +121,22 @@ def write_hf_dir(path: str | Path, config: ModelConfig, tensors: dict[str, np.nd
     return path
 
 
+def export_into_run_dir(run_dir: str | Path, config: ModelConfig, tensors: dict[str, np.ndarray]) -> Path:
+    """model.safetensors + config.json beside a run's other files, each appearing complete.
+
+    The pair is written whole into a hidden directory first, then moved in (weights first), so a
+    reader of the run directory never sees a half-written export.
+    """
+    run_dir = Path(run_dir)
+    staging = write_hf_dir(run_dir / ".export", config, tensors)
+    try:
+        for name in ("model.safetensors", "config.json"):
+            os.replace(staging / name, run_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run_dir
+
+
 def _zero_biases(config: ModelConfig) -> dict[str, np.ndarray]:
     C = config.n_embd
     widths = {

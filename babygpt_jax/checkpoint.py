@@ -11,15 +11,13 @@ in the Hugging Face layout that both backends (and `transformers`) load.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from babygpt.config import BabyGPTError, ModelConfig
-from babygpt.hf import write_hf_dir
+from babygpt.hf import export_into_run_dir
 from babygpt_jax.model import GPT, hf_tensors
 
 # The fields that fix the shape of the weights; dropout may change between runs.
@@ -128,11 +126,4 @@ def export_hf(run_dir: str | Path, model: GPT) -> Path:
     `GPT.from_pretrained(run_dir)` never sees a half-written file. The caller makes the weights
     addressable here (gathered, when sharded over processes) and calls this on process 0 only.
     """
-    run_dir = Path(run_dir)
-    staging = write_hf_dir(run_dir / ".export", model.config, hf_tensors(model))
-    try:
-        for name in ("model.safetensors", "config.json"):
-            os.replace(staging / name, run_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return run_dir
+    return export_into_run_dir(run_dir, model.config, hf_tensors(model))

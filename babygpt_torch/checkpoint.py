@@ -9,9 +9,7 @@ layout that both backends (and `transformers`) load.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn as nn
 
 from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
-from babygpt.hf import write_hf_dir
+from babygpt.hf import export_into_run_dir
 from babygpt_torch.model import hf_tensors
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -126,11 +124,4 @@ def export_hf(run_dir: str | Path, model: nn.Module) -> Path:
     The pair is written complete into a hidden directory first, then moved in (weights first), so
     `GPT.from_pretrained(run_dir)` never sees a half-written file.
     """
-    run_dir = Path(run_dir)
-    staging = write_hf_dir(run_dir / ".export", model.config, hf_tensors(model))
-    try:
-        for name in ("model.safetensors", "config.json"):
-            os.replace(staging / name, run_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return run_dir
+    return export_into_run_dir(run_dir, model.config, hf_tensors(model))
