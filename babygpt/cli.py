@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from babygpt.config import BabyGPTError
+from babygpt.run import Stopped
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -22,4 +23,6 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Stopped as e:  # the backend has said where it stopped and how to resume
+        sys.exit(e.exit_code)
     sys.exit(code or 0)

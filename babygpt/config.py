@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"  # auto: bfloat16 compute on GPU, float32 on CPU
     compile: bool = False  # torch.compile (the JAX step is always jitted)
-    fsdp: bool = False  # JAX: shard params and optimizer state over the devices
+    fsdp: bool = False  # shard params and optimizer state over the devices (JAX: mesh axis; torch: FSDP2)
     remat: bool = False  # activation checkpointing, for the big presets
     sample_tokens: int = 200  # tokens sampled at the end of a run; 0 turns it off
     sample_prompt: str = "\n"

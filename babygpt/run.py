@@ -1,4 +1,4 @@
-"""What a training run is, apart from the framework: its directory, its batch plan and its log.
+"""What a training run is, apart from the framework: its directory, its batch plan, its log, its stop.
 
 Both backends' `train.py` use these, so a run directory, a `metrics.jsonl` line and a progress bar
 look the same whichever backend wrote them.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +160,42 @@ def check_finite(loss: float, step: int) -> None:
             f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept"
             " (try a lower train.max_lr or train.grad_clip=1.0)"
         )
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; the CLI exits with `exit_code`."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum  # what a shell reports for a process that signal killed: 143
+
+
+class StopSignal:
+    """SIGTERM as a request to stop at the next step boundary, rather than to die mid-step.
+
+    torchrun forwards SIGTERM to every worker and SLURM sends it before preempting a job, so the
+    training loop polls `received` between steps: the processes agree on a step, checkpoint it and
+    exit. A second SIGTERM changes nothing, because under SLURM a worker gets one from SLURM and
+    one from torchrun. A process blocked in a collective runs the handler only once the collective
+    returns, so SIGTERM alone no longer ends it; what does is the collective failing (a dead peer,
+    the process-group timeout) or torchrun's SIGKILL, sent when its grace period (30 s) runs out.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signum
+        self.received = False
+        self._previous = None  # the handler to put back on exit; None while none is replaced
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # the only thread Python signals
+            self._previous = signal.getsignal(self.signum) or signal.SIG_DFL  # None: set outside Python
+            signal.signal(self.signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True

@@ -2,9 +2,9 @@
 
 The mirror of `babygpt_torch/data.py` (`DataLoaderLite`). Both cut their batches from
 `babygpt.data.TokenWindows` with `micro_batch_rows`, so for the same seed and position they yield
-the same tokens; the loader's whole state is the number of global micro-steps consumed. Where torch
-hands out one micro-batch per rank, this loader hands one process every micro-batch of a step at
-once, (accumulation_steps, rows, T), because the jitted step scans over them on the devices.
+the same tokens; the loader's whole state is the number of samples consumed. Where torch hands out
+one micro-batch per rank, this loader hands one process every micro-batch of a step at once,
+(accumulation_steps, rows, T), because the jitted step scans over them on the devices.
 """
 
 from __future__ import annotations
@@ -82,13 +82,18 @@ class GrainLoader:
         return x, y
 
     def reset(self) -> None:
-        self.load_state_dict({"position": 0})
+        self.load_state_dict({"samples": 0})
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        # In samples, not micro-steps: a micro-step's size depends on the number of devices, and a
+        # run may resume on another number (two processes of four GPUs, then one GPU).
+        return {"samples": self.position * self.plan.rows_per_micro_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        if "samples" in state:
+            self.position = int(state["samples"]) // self.plan.rows_per_micro_step
+        else:  # written when the state was micro-steps, which resumed on the same devices only
+            self.position = int(state["position"])
         self._iterator = None  # the next batch restarts the pipeline at the new position
 
 

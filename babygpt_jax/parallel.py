@@ -24,24 +24,40 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # every device takes its own rows of each micro-step
 
+# How long the others wait for a process that stopped sending heartbeats (killed, crashed, its
+# host lost) before they fail too. jax's default, which some users already find too short for
+# hosts that stall for a while (jax-ml/jax#23599).
+HEARTBEAT_TIMEOUT_S = 100
+# How long a process leaving the run waits for the others in `jax.distributed.shutdown`, which jax
+# also calls at exit. A finished run arrives there together (`shutdown` below starts with a
+# barrier), so the wait runs out only when one process failed while the others were blocked in a
+# collective with it; then they all fail after this long, rather than after jax's 5 minutes.
+SHUTDOWN_TIMEOUT_S = 60
+
 
 def setup_distributed() -> None:
     """Join the other processes of a multi-host run, or run alone.
 
     `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run
     explicitly; under SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster
-    itself. Must run before anything touches a device.
+    itself. `JAX_HEARTBEAT_TIMEOUT_SECONDS` and `JAX_SHUTDOWN_TIMEOUT_SECONDS` replace the two
+    timeouts above (the tests shorten them). Must run before anything touches a device.
     """
     if jax.distributed.is_initialized():
         return
+    timeouts = dict(
+        heartbeat_timeout_seconds=int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S)),
+        shutdown_timeout_seconds=int(os.environ.get("JAX_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S)),
+    )
     if coordinator := os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            **timeouts,
         )
     elif int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return
     log.info(
@@ -50,6 +66,9 @@ def setup_distributed() -> None:
         jax.process_count(),
         jax.local_device_count(),
     )
+    if jax.process_index() > 0:  # process 0 narrates the run; the others speak only to warn
+        for package in ("babygpt", "babygpt_jax"):
+            logging.getLogger(package).setLevel(logging.WARNING)
 
 
 def is_main_process() -> bool:
@@ -128,5 +147,7 @@ def barrier(name: str) -> None:
 
 
 def shutdown() -> None:
+    """Leave a multi-process run once every process is done (process 0 may still be sampling)."""
     if jax.process_count() > 1:
+        barrier("shutdown")
         jax.distributed.shutdown()

@@ -166,10 +166,12 @@ def main(config: Config) -> dict:
     """Train as `config` says, resuming if asked; return a summary of the run."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     setup_distributed()
-    try:
-        return _train(config)
-    finally:
-        shutdown()
+    summary = _train(config)
+    # Only a finished run leaves through `shutdown`, whose barrier waits for every process: after a
+    # failure the others may be blocked in a collective with this process and never come. jax still
+    # shuts down at exit; if the others do not come within SHUTDOWN_TIMEOUT_S, that fails them too.
+    shutdown()
+    return summary
 
 
 def _train(config: Config) -> dict:

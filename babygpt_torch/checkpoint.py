@@ -4,6 +4,10 @@ The mirror of `babygpt_jax/checkpoint.py`, which uses orbax's `CheckpointManager
 holds everything a resumed run needs to continue exactly: model, optimizer and scheduler state,
 the data loader's position and the RNG state. `export_hf` writes the weights in the Hugging Face
 layout that both backends (and `transformers`) load.
+
+Model and optimizer state go through `torch.distributed.checkpoint.state_dict`, which gathers
+FSDP2's shards whole and reads a plain module as it is: the file is the same whether one process,
+DDP or FSDP2 wrote it, and any of them resumes it.
 """
 
 from __future__ import annotations
@@ -14,15 +18,25 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
 from babygpt.hf import export_into_run_dir
 from babygpt_torch.model import hf_tensors
+from babygpt_torch.parallel import is_main_process
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # The fields that fix the shape of the weights; dropout may change between runs.
 _SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+# Whole tensors (FSDP2's shards gathered), on rank 0's CPU: GPU memory holds one shard only.
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -50,14 +64,23 @@ def save_checkpoint(
     rng_state: dict,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step_{step:08d}.pt atomically, then delete all but the newest `keep`."""
+    """Write checkpoints/step_{step:08d}.pt atomically, then delete all but the newest `keep`.
+
+    Every process calls it (under FSDP2 they all take part in gathering the state); rank 0 writes.
+    The optimizer state is keyed by parameter name, not by torch's position in the param groups.
+    """
     path = checkpoint_path(run_dir, step)
+    weights = get_model_state_dict(model, options=_WHOLE)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+    if not is_main_process():
+        return path
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied: store the matrix once
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "model_config": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": weights,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "loader": dict(loader_state),
         "rng": rng_state,
@@ -80,7 +103,7 @@ def restore_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict:
-    """Load the latest checkpoint into model, optimizer and scheduler (in place).
+    """Load the latest checkpoint into model, optimizer and scheduler (in place), on every process.
 
     Returns {"step", "loader", "rng"}: the step to continue from, the loader state and the RNG
     state, which the caller applies. Any unreadable or mismatched file is one `BabyGPTError`.
@@ -108,14 +131,30 @@ def restore_checkpoint(
     ]
     if diffs:
         raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
+    options = StateDictOptions(full_state_dict=True)  # whole tensors in; each process keeps its shard
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(
+            model, optimizer, _by_name(state["optimizer"], model, optimizer), options=options
+        )
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise BabyGPTError(f"checkpoint {path} does not fit this model or optimizer ({first})") from None
     scheduler.load_state_dict(state["scheduler"])
     return {"step": state["step"], "loader": state["loader"], "rng": state["rng"]}
+
+
+def _by_name(optimizer_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name; files written before FSDP2 support key it by index."""
+    groups = optimizer_state["param_groups"]
+    if all(isinstance(key, str) for group in groups for key in group["params"]):
+        return optimizer_state
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[i]: s for i, s in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups],
+    }
 
 
 def export_hf(run_dir: str | Path, model: nn.Module) -> Path:

@@ -2,7 +2,7 @@
 
 The mirror of `babygpt_jax/data.py`, which feeds the same windows through grain. Both cut their
 batches from `babygpt.data.TokenWindows` with `micro_batch_rows`, so for the same seed and position
-they yield the same tokens; the loader's whole state is the number of global micro-steps consumed.
+they yield the same tokens; this loader's whole state is the number of samples consumed.
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ class DataLoaderLite:
         self.position = 0
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        # In samples, not micro-steps: a micro-step's size depends on the number of processes, and
+        # a run may resume on another number (FSDP2 on 8 GPUs, then one process).
+        return {"samples": self.position * self.plan.rows_per_micro_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        if "samples" in state:
+            self.position = int(state["samples"]) // self.plan.rows_per_micro_step
+        else:  # written when the state was micro-steps, which resumed on the same processes only
+            self.position = int(state["position"])
 
 
 def make_loaders(

@@ -95,6 +95,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.remat = False  # train.remat: recompute each block in the backward pass, saving memory
         # Rows past the tokenizer's vocabulary exist only to make V a multiple of 64.
         self.register_buffer("vocab_pad", torch.arange(V) >= config.vocab_size, persistent=False)
         self.apply(self._init_weights)
@@ -128,8 +129,12 @@ class GPT(nn.Module):
         B, T = idx.size()
         positions = pos + torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        remat = self.remat and kv_cache is None
         for i, block in enumerate(self.transformer.h):
-            x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
+            if remat:  # keep only the block's input; backward runs the block again for the rest
+                x, _ = torch.utils.checkpoint.checkpoint(block, x, None, pos, use_reentrant=False)
+            else:
+                x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         return logits.masked_fill(self.vocab_pad, float("-inf"))

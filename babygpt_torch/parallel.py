@@ -1,19 +1,31 @@
-"""Data parallelism in PyTorch: one process per GPU under `torchrun`, gradients averaged by DDP.
+"""Data parallelism in PyTorch: one process per GPU under `torchrun`; DDP, or FSDP2 with `train.fsdp`.
 
 The mirror of `babygpt_jax/parallel.py`, where one process drives every local device through a
-`Mesh` and sharding annotations. Here each process holds a full replica and a slice of the batch;
-the parallelism lives in the process group and in the `DistributedDataParallel` wrapper.
+`Mesh` and sharding annotations. Here each process holds a slice of the batch and either a full
+replica (DDP averages the gradients) or a shard of every parameter (FSDP2 gathers a Block's
+weights just before it runs); the parallelism lives in the process group and in module wrappers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+# How long a collective may wait for a peer before the job fails rather than hangs. Long enough
+# for the slowest legitimate wait (rank 0 writing a large checkpoint while the others wait at the
+# next collective; a first step that compiles); a dead peer is noticed by torchrun long before.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -24,8 +36,12 @@ class Dist:
     device: torch.device
 
 
-def setup_distributed() -> Dist:
-    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone."""
+def setup_distributed(fsdp: bool = False) -> Dist:
+    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone.
+
+    FSDP2 shards over a process group even when there is one process, so `fsdp` asks for a group
+    of one where DDP needs none.
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -34,9 +50,14 @@ def setup_distributed() -> Dist:
         torch.cuda.set_device(device)  # before init: NCCL binds each process to its own GPU
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not torch_dist.is_initialized():
+    if (world_size > 1 or fsdp) and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # A lone process started without torchrun has no rendezvous address: an in-memory store.
+        alone = world_size == 1 and "MASTER_ADDR" not in os.environ
+        store = torch_dist.HashStore() if alone else None
+        torch_dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT
+        )
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -52,12 +73,68 @@ def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
     return DDP(model, device_ids=device_ids)
 
 
+def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
+    """FSDP2, in place: every parameter becomes a DTensor holding this process's rows of it.
+
+    Each Block is its own unit, so only one Block's weights are whole at a time (gathered before
+    its forward and again before its backward); the root unit holds the embeddings, `ln_f` and the
+    `lm_head` tied to `wte`, which stays one shared parameter. Call it before building the
+    optimizer: the optimizer must see the sharded parameters, not the ones they replace.
+    """
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def gather_model(model: nn.Module, into: nn.Module | None) -> None:
+    """Copy the whole weights of a sharded `model` into `into`, a plain replica on rank 0 (None elsewhere).
+
+    A collective: every process calls it, each sending its shards.
+    """
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if into is not None:
+        into.load_state_dict(weights)
+
+
+def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Skip the gradient collective of a micro-step whose gradients only accumulate.
+
+    DDP's all-reduce or FSDP2's reduce-scatter then runs once, in the last micro-step's backward.
+    """
+    if isinstance(model, DDP):
+        return model.no_sync()
+    module = getattr(model, "_orig_mod", model)  # the module under torch.compile's wrapper
+    if isinstance(module, FSDPModule):
+        return _no_gradient_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.world_size > 1:
         tensor = tensor.clone()
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         tensor /= dist.world_size
     return tensor
+
+
+def any_process(flag: bool, dist: Dist) -> bool:
+    """True on every process if it is True on any: how the ranks agree to stop at the same step."""
+    if dist.world_size == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=dist.device)
+    torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
+    return bool(votes.item())
 
 
 def barrier(dist: Dist) -> None:
@@ -67,5 +144,5 @@ def barrier(dist: Dist) -> None:
 
 
 def shutdown(dist: Dist) -> None:
-    if dist.world_size > 1 and torch_dist.is_initialized():
+    if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -24,6 +24,7 @@ from pathlib import Path
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig
 from babygpt.flops import flops_per_token, peak_flops
+from parity.profile import format_summary, profile_jax, profile_torch
 
 TRAIN_BACKENDS = ("jax", "torch")
 GENERATE_BACKENDS = ("jax", "torch", "hf")
@@ -112,7 +113,10 @@ def bench_train_torch(args) -> Row:
         times.append(time.perf_counter() - t)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return _train_row("torch", args, config, name, times, compile_s, peak_mem)
+    row = _train_row("torch", args, config, name, times, compile_s, peak_mem)
+    if args.profile:
+        row.extra["profile"] = profile_torch(step, args.profile_steps, Path(args.profile) / "torch")
+    return row
 
 
 def bench_train_jax(args) -> Row:
@@ -165,7 +169,10 @@ def bench_train_jax(args) -> Row:
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     peak_mem = stats.get("peak_bytes_in_use", 0) / 2**30 if gpu else None
-    return _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
+    row = _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
+    if args.profile:
+        row.extra["profile"] = profile_jax(step, args.profile_steps, Path(args.profile) / "jax")
+    return row
 
 
 def _train_row(backend, args, config, device, times, compile_s, peak_mem) -> Row:
@@ -404,6 +411,10 @@ def main() -> None:
         "--hf-cache", default="static", help="transformers cache_implementation (static or dynamic)"
     )
     parser.add_argument("--out", default="out/bench", help="where bench.json and bench.png go")
+    parser.add_argument(
+        "--profile", default="", help="train mode: also profile --profile-steps steps, traces in this folder"
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
@@ -451,6 +462,9 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
     plot(rows, out / "bench.png")
     print(format_table(rows))
+    for row in rows:
+        if "profile" in row["extra"]:
+            print(format_summary(row["backend"], row["extra"]["profile"]))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
 
 

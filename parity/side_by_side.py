@@ -79,7 +79,12 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("parallel", "torch"): {
         "Dist": "torch passes its process-group facts around; JAX asks jax.process_index() and friends",
         "wrap_model": "the DDP wrapper that all-reduces gradients in backward; jit inserts collectives from shardings",
+        "shard_model": "FSDP2 shards by wrapping modules, whose parameters become DTensors; JAX shards by param_shardings",
+        "gather_model": "copies FSDP2's shards into a plain replica for export and sampling; JAX jits a replicating identity",
+        "no_sync": "DDP and FSDP2 reduce gradients inside every backward; JAX accumulates in one jitted step, reduced once",
+        "_no_gradient_sync": "FSDP2's no_sync is a setter (set_requires_gradient_sync), DDP's a context manager",
         "all_reduce_mean": "an explicit collective for logged values; a jitted JAX step returns global values",
+        "any_process": "an explicit collective so that every process stops at the same step on SIGTERM; JAX has no SIGTERM handling yet",
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",
@@ -87,6 +92,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("checkpoint", "torch"): {
         "checkpoint_path": "torch names one file per step itself; orbax's manager does that in JAX",
         "_steps": "lists the step files; orbax's manager tracks its steps in JAX",
+        "_by_name": "reads torch files from before FSDP2 support, whose optimizer state is keyed by index; orbax restores by structure",
     },
     ("train", "jax"): {
         "loss_fn": "jax.value_and_grad differentiates a pure function of the params; torch calls loss.backward()",

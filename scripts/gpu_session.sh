@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
-# $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt (default: all).
+# $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
+# xla | sweep (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
+# The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -41,6 +43,19 @@ train)
 parity)
   [ -f parity/gpu_check.py ] && run python3 -m parity.gpu_check
   ;;
+profile)  # both profilers over 5 steps; the traces stay on the machine, the summaries come back
+  run python3 -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "$OUT/profile-124m" --profile /tmp/traces
+  ;;
+xla)  # XLA GPU flags that might pay for the JAX step, each against the default in the same session
+  for flags in "--xla_gpu_enable_triton_gemm=false" "--xla_gpu_enable_cublaslt=true"; do
+    run env XLA_FLAGS="$flags" python3 -m parity.bench --backend jax --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "/tmp/xla/${flags//[^a-z]/}"
+  done
+  ;;
+sweep)  # which default Shakespeare config learns most per CPU-second (losses do not depend on the hardware)
+  python3 prepare.py shakespeare >/dev/null
+  run python3 scripts/sweep_shakespeare.py --out /tmp/sweep --parallel 8 train.dtype=float32
+  cp /tmp/sweep/sweep.json "$OUT/"
+  ;;
 dist)
   run torchrun --standalone --nproc_per_node=1 train.py --backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=ddp1 train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
   run env JAX_COORDINATOR_ADDRESS=127.0.0.1:12355 JAX_NUM_PROCESSES=1 JAX_PROCESS_ID=0 python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=jaxdist train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
@@ -48,3 +63,4 @@ dist)
   ;;
 esac; done
 echo "=== done" | tee -a "$OUT/session.log"
+(cd "$OUT" && find . -name '*.json' -o -name '*.jsonl' -o -name '*.png' | tar czf results.tgz -T - 2>/dev/null)

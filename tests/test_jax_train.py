@@ -145,9 +145,9 @@ def test_grain_loader_reads_token_windows_order_and_resumes(tiny_config):
             expected = windows.rows(rows.start, len(rows))
             np.testing.assert_array_equal(x[m], expected[:, :-1])
             np.testing.assert_array_equal(y[m], expected[:, 1:])
-    assert train.state_dict() == {"position": 120}
+    assert train.state_dict() == {"samples": 120 * 8}  # micro-steps of 8 rows
     resumed, _ = make_loaders(config, plan, process_index=1, local_devices=2)
-    resumed.load_state_dict({"position": 3 * 25})
+    resumed.load_state_dict({"samples": 3 * 25 * 8})
     np.testing.assert_array_equal(resumed.next_batch()[0], seen[25][0])
     # Validation: file order, one micro-step per batch, restarted by reset().
     first = val.next_batch()[0]

@@ -115,7 +115,7 @@ def test_loader_yields_shifted_targets_and_resumes_from_its_position(tiny_config
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     state = train.state_dict()
-    assert state == {"position": 1}
+    assert state == {"samples": 4}  # one micro-step of 4 rows
     after = [train.next_batch() for _ in range(3)]
     train.load_state_dict(state)
     assert all(torch.equal(a[0], train.next_batch()[0]) for a in after)
@@ -210,6 +210,37 @@ def test_checkpoint_of_another_shape_says_which_config_differs(tmp_path, tiny_co
     optimizer, scheduler = make_optimizer(other, tiny_config.train, "cpu")
     with pytest.raises(BabyGPTError, match="model.n_embd=32 in the checkpoint but 64 in the config"):
         restore_checkpoint(tmp_path, other, optimizer, scheduler)
+
+
+def test_checkpoint_from_before_fsdp2_support_still_resumes(tmp_path, tiny_config):
+    # Those files held torch's own optimizer.state_dict(), keyed by index, and loader micro-steps.
+    torch.manual_seed(0)
+    model = GPT(tiny_config.model)
+    optimizer, scheduler = make_optimizer(model, tiny_config.train, "cpu")
+    idx = torch.randint(0, 100, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    old = {
+        "step": 3,
+        "model_config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader": {"position": 3},
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(old, tmp_path / "checkpoints" / "step_00000003.pt")
+    fresh = GPT(tiny_config.model)
+    fresh_optimizer, fresh_scheduler = make_optimizer(fresh, tiny_config.train, "cpu")
+    restored = restore_checkpoint(tmp_path, fresh, fresh_optimizer, fresh_scheduler)
+    saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    for i in saved:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(loaded[i][key], saved[i][key], rtol=0, atol=0)
+    loader, _ = make_loaders(tiny_config, plan_batch(tiny_config, 1), 0, torch.device("cpu"))
+    loader.load_state_dict(restored["loader"])
+    assert loader.position == 3
 
 
 def test_export_loads_back_with_from_pretrained(tmp_path, tiny_config):
