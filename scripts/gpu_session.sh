@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
 # $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
-# xla | sweep (default: the first seven).
+# xla | sweep | xl (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
 # The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
@@ -56,10 +56,22 @@ sweep)  # which default Shakespeare config learns most per CPU-second (losses do
   run python3 scripts/sweep_shakespeare.py --out /tmp/sweep --parallel 8 train.dtype=float32
   cp /tmp/sweep/sweep.json "$OUT/"
   ;;
-dist)
-  run torchrun --standalone --nproc_per_node=1 train.py --backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=ddp1 train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
-  run env JAX_COORDINATOR_ADDRESS=127.0.0.1:12355 JAX_NUM_PROCESSES=1 JAX_PROCESS_ID=0 python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=jaxdist train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
-  run python3 train.py --backend=jax --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist run.name=jaxfsdp train.fsdp=true train.max_steps=30 train.eval_interval=1000 train.sample_tokens=0
+dist)  # the distributed code paths on one GPU, each beside the plain run of the same session
+  C="--config configs/shakespeare-gpt2.toml run.out_dir=/tmp/dist train.max_steps=40 train.eval_interval=1000 train.checkpoint_interval=1000 train.sample_tokens=0"
+  run python3 train.py --backend=torch $C run.name=torch-plain
+  run torchrun --standalone --nproc_per_node=1 train.py --backend=torch $C run.name=torch-ddp
+  run torchrun --standalone --nproc_per_node=1 train.py --backend=torch $C run.name=torch-fsdp2 train.fsdp=true
+  run torchrun --standalone --nproc_per_node=1 train.py --backend=torch $C run.name=torch-fsdp2-remat train.fsdp=true train.remat=true
+  run python3 train.py --backend=jax $C run.name=jax-plain
+  run env JAX_COORDINATOR_ADDRESS=127.0.0.1:12355 JAX_NUM_PROCESSES=1 JAX_PROCESS_ID=0 python3 train.py --backend=jax $C run.name=jax-distributed
+  run python3 train.py --backend=jax $C run.name=jax-fsdp train.fsdp=true
+  run python3 train.py --backend=jax $C run.name=jax-fsdp-remat train.fsdp=true train.remat=true
+  run python3 scripts/summarize_runs.py /tmp/dist/torch-plain /tmp/dist/torch-ddp /tmp/dist/torch-fsdp2 /tmp/dist/torch-fsdp2-remat /tmp/dist/jax-plain /tmp/dist/jax-distributed /tmp/dist/jax-fsdp /tmp/dist/jax-fsdp-remat
+  grep -h "peak memory" "$OUT/session.log" | tail -8
+  ;;
+xl)  # GPT-2 1.5B on one H200 (141 GB): both backends, plain and with activation checkpointing
+  run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-1558m"
+  run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 16 --seq 1024 --steps 10 --remat --out "$OUT/bench-1558m-remat"
   ;;
 esac; done
 echo "=== done" | tee -a "$OUT/session.log"
