@@ -191,7 +191,15 @@ def _train(config: Config, dist: Dist) -> dict:
         if is_main:
             logger.info("resumed %s at step %d", run_dir, start_step)
 
-    step_model = torch.compile(model) if t.compile else model
+    if t.compile and t.fsdp:
+        # FSDP2 gathers and frees each Block's weights in hooks around its forward, which would
+        # break a whole-model graph at every Block: compile each Block's forward on its own
+        # instead (as torchtitan does) and leave the hooks, the embeddings and the loss eager.
+        for block in model.transformer.h:
+            block.forward = torch.compile(block.forward)
+        step_model = model
+    else:
+        step_model = torch.compile(model) if t.compile else model
     if not t.fsdp:
         step_model = wrap_model(step_model, dist)
 

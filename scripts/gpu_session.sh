@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
 # $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
-# xla | sweep | xl (default: the first seven).
+# xla | sweep | fsdp2 | xl (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
 # The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
@@ -68,6 +68,15 @@ dist)  # the distributed code paths on one GPU, each beside the plain run of the
   run python3 train.py --backend=jax $C run.name=jax-fsdp-remat train.fsdp=true train.remat=true
   run python3 scripts/summarize_runs.py /tmp/dist/torch-plain /tmp/dist/torch-ddp /tmp/dist/torch-fsdp2 /tmp/dist/torch-fsdp2-remat /tmp/dist/jax-plain /tmp/dist/jax-distributed /tmp/dist/jax-fsdp /tmp/dist/jax-fsdp-remat
   grep -h "peak memory" "$OUT/session.log" | tail -8
+  ;;
+fsdp2)  # torch's FSDP2 and remat paths beside the plain run (the torch half of dist, plus remat alone)
+  C="--backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/fsdp2 train.max_steps=40 train.eval_interval=1000 train.checkpoint_interval=1000 train.sample_tokens=0"
+  run python3 train.py $C run.name=torch-plain
+  run python3 train.py $C run.name=torch-remat train.remat=true
+  run torchrun --standalone --nproc_per_node=1 train.py $C run.name=torch-fsdp2 train.fsdp=true
+  run torchrun --standalone --nproc_per_node=1 train.py $C run.name=torch-fsdp2-remat train.fsdp=true train.remat=true
+  run python3 scripts/summarize_runs.py /tmp/fsdp2/torch-plain /tmp/fsdp2/torch-remat /tmp/fsdp2/torch-fsdp2 /tmp/fsdp2/torch-fsdp2-remat
+  grep -h "peak memory" "$OUT/session.log" | tail -4
   ;;
 xl)  # GPT-2 1.5B on one H200 (141 GB): both backends, plain and with activation checkpointing
   run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-1558m"
