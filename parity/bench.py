@@ -421,6 +421,8 @@ def main() -> None:
         args.batch_list = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise BabyGPTError(f"--batch {args.batch!r}: expected integers separated by commas") from None
+    if args.steps < 1 or args.profile_steps < 1:
+        raise BabyGPTError("--steps and --profile-steps must be at least 1")
     if args.mode == "generate" and args.hf_cache == "dynamic":
         args.hf_cache = None  # transformers' default
     if args.child:
@@ -428,6 +430,8 @@ def main() -> None:
 
     known = TRAIN_BACKENDS if args.mode == "train" else GENERATE_BACKENDS
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends:
+        raise BabyGPTError(f"--backend {args.backend!r}: name at least one of {', '.join(known)}")
     for b in backends:
         if b not in known:
             raise BabyGPTError(
