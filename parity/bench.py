@@ -56,7 +56,11 @@ def _stats(times: list[float]) -> tuple[float, float, float]:
 def _config(args) -> Config:
     model = ModelConfig.preset(args.preset, block_size=max(args.seq, 1))
     train = TrainConfig(
-        max_steps=10_000, micro_batch_size=args.batch_list[0], warmup_steps=10, remat=args.remat, fsdp=False
+        max_steps=10_000,
+        micro_batch_size=args.batch_list[0],
+        warmup_steps=10,
+        remat=args.remat,
+        fsdp=args.fsdp,
     )
     return Config(model=model, train=train)
 
@@ -71,18 +75,22 @@ def bench_train_torch(args) -> Row:
     from babygpt.run import BatchPlan
     from babygpt_torch.model import GPT
     from babygpt_torch.optim import make_optimizer
-    from babygpt_torch.parallel import Dist
-    from babygpt_torch.train import train_step
+    from babygpt_torch.parallel import setup_distributed, shard_model
+    from babygpt_torch.train import compile_for_training, train_step
 
     config = _config(args)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
+    device = dist.device
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
     model = GPT(config.model).to(device)
+    model.remat = args.remat
+    if args.fsdp:
+        shard_model(model, dist)
     optimizer, scheduler = make_optimizer(model, config.train, device.type)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_for_training(model, args.fsdp)
     B, T = args.batch_list[0], args.seq
     x = torch.randint(0, config.model.vocab_size, (B, T), device=device)
     y = torch.randint(0, config.model.vocab_size, (B, T), device=device)
@@ -92,7 +100,6 @@ def bench_train_torch(args) -> Row:
             return x, y
 
     plan = BatchPlan(B, 1, T, 1)
-    dist = Dist(rank=0, local_rank=0, world_size=1, device=device)
     dtype = torch.bfloat16 if cuda and args.dtype == "bfloat16" else torch.float32
 
     def step():
@@ -138,9 +145,9 @@ def bench_train_jax(args) -> Row:
     model.remat = args.remat
     optimizer = make_optimizer(config.train)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_sharding = param_shardings(mesh, params, False)
+    param_sharding = param_shardings(mesh, params, args.fsdp)
     params = jax.device_put(params, param_sharding)
-    opt_sharding = param_shardings(mesh, jax.eval_shape(optimizer.init, params), False)
+    opt_sharding = param_shardings(mesh, jax.eval_shape(optimizer.init, params), args.fsdp)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
     rest = jax.device_put(rest, replicated(mesh))
     step_fn = make_train_step(graphdef, rest, optimizer, mesh, param_sharding, opt_sharding)
@@ -405,6 +412,9 @@ def main() -> None:
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the torch model"
     )
     parser.add_argument("--remat", action="store_true", help="activation checkpointing")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="shard params and optimizer state (torch: FSDP2; jax: the mesh)"
+    )
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument(

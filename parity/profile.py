@@ -121,6 +121,9 @@ def profile_torch(step, steps: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "torch_trace.json"
     prof.export_chrome_trace(str(path))
+    # The host's side, for a step slower than its kernels: which ops the CPU spends its time in
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    (out / "torch_ops.txt").write_text(table)
     return summarize(device_kernels(_load(path)), steps)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
 # $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
-# xla | sweep | fsdp2 | xl (default: the first seven).
+# xla | sweep | fsdp2 | fsdpprobe | xl | xlremat (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
 # The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
@@ -78,9 +78,16 @@ fsdp2)  # torch's FSDP2 and remat paths beside the plain run (the torch half of 
   run python3 scripts/summarize_runs.py /tmp/fsdp2/torch-plain /tmp/fsdp2/torch-remat /tmp/fsdp2/torch-fsdp2 /tmp/fsdp2/torch-fsdp2-remat
   grep -h "peak memory" "$OUT/session.log" | tail -4
   ;;
-xl)  # GPT-2 1.5B on one H200 (141 GB): both backends, plain and with activation checkpointing
+xl)  # GPT-2 1.5B on one H200 (141 GB), both backends
   run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-1558m"
+  ;;
+xlremat)  # the same with activation checkpointing and twice the micro-batch
   run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 16 --seq 1024 --steps 10 --remat --out "$OUT/bench-1558m-remat"
+  ;;
+fsdpprobe)  # where torch's FSDP2 step loses time on one GPU: kernels and host ops, beside the plain step
+  run python3 -m parity.bench --backend torch --preset gpt2 --batch 16 --seq 1024 --steps 10 --profile /tmp/fp/plain --profile-steps 2 --out "$OUT/fsdp-plain"
+  run python3 -m parity.bench --backend torch --preset gpt2 --batch 16 --seq 1024 --steps 10 --fsdp --profile /tmp/fp/fsdp --profile-steps 2 --out "$OUT/fsdp-fsdp"
+  for v in plain fsdp; do echo "--- host ops, $v"; head -34 /tmp/fp/$v/torch/torch_ops.txt | cut -c1-190; done | tee -a "$OUT/session.log"
   ;;
 esac; done
 echo "=== done" | tee -a "$OUT/session.log"
