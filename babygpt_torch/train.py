@@ -191,7 +191,7 @@ def _train(config: Config, dist: Dist) -> dict:
         if is_main:
             logger.info("resumed %s at step %d", run_dir, start_step)
 
-    step_model = compile_for_training(model, t.fsdp) if t.compile else model
+    step_model = torch.compile(model) if t.compile else model
     if not t.fsdp:
         step_model = wrap_model(step_model, dist)
 
@@ -309,20 +309,6 @@ def _train(config: Config, dist: Dist) -> dict:
             summary["sample"] = generate_sample(sampled, config)
             log.info(summary["sample"])
     return summary
-
-
-def compile_for_training(model: GPT, fsdp: bool) -> nn.Module:
-    """`torch.compile` for the training step: the whole model, or under FSDP2 each Block alone.
-
-    FSDP2 gathers and frees each Block's weights in hooks around its forward, which would break a
-    whole-model graph at every Block: each Block's forward is compiled on its own instead (as
-    torchtitan does), leaving the hooks, the embeddings and the loss eager.
-    """
-    if not fsdp:
-        return torch.compile(model)
-    for block in model.transformer.h:
-        block.forward = torch.compile(block.forward)
-    return model
 
 
 def _build_model(config: Config) -> GPT:

@@ -76,7 +76,7 @@ def bench_train_torch(args) -> Row:
     from babygpt_torch.model import GPT
     from babygpt_torch.optim import make_optimizer
     from babygpt_torch.parallel import setup_distributed, shard_model
-    from babygpt_torch.train import compile_for_training, train_step
+    from babygpt_torch.train import train_step
 
     config = _config(args)
     dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
@@ -90,7 +90,7 @@ def bench_train_torch(args) -> Row:
         shard_model(model, dist)
     optimizer, scheduler = make_optimizer(model, config.train, device.type)
     if args.compile:
-        model = compile_for_training(model, args.fsdp)
+        model = torch.compile(model)
     B, T = args.batch_list[0], args.seq
     x = torch.randint(0, config.model.vocab_size, (B, T), device=device)
     y = torch.randint(0, config.model.vocab_size, (B, T), device=device)
