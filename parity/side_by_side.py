@@ -105,6 +105,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_autocast": "torch chooses bfloat16 by a context around the forward; JAX passes dtype to the modules",
         "_rng_state": "torch's RNG is global state to save; JAX's is an explicit key saved as an array",
         "_set_rng_state": "restores torch's global RNG state; JAX restores its key like any array",
+        "_reuse_freed_cpu_memory": "torch's CPU tensors come from glibc malloc; JAX's CPU runtime has its own allocator",
     },
     ("score", "jax"): {
         "_completion_losses": "the pure function of (graphdef, state) that jax.jit compiles; torch calls the module",
