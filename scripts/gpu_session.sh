@@ -85,9 +85,11 @@ xlremat)  # the same with activation checkpointing and twice the micro-batch
   run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 16 --seq 1024 --steps 10 --remat --out "$OUT/bench-1558m-remat"
   ;;
 fsdpprobe)  # where torch's FSDP2 step loses time on one GPU: kernels and host ops, beside the plain step
-  run python3 -m parity.bench --backend torch --preset gpt2 --batch 16 --seq 1024 --steps 10 --profile /tmp/fp/plain --profile-steps 2 --out "$OUT/fsdp-plain"
-  run python3 -m parity.bench --backend torch --preset gpt2 --batch 16 --seq 1024 --steps 10 --fsdp --profile /tmp/fp/fsdp --profile-steps 2 --out "$OUT/fsdp-fsdp"
-  for v in plain fsdp; do echo "--- host ops, $v"; head -34 /tmp/fp/$v/torch/torch_ops.txt | cut -c1-190; done | tee -a "$OUT/session.log"
+  for b in 16 32; do
+    run python3 -m parity.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --out "$OUT/fsdp-plain-$b"
+    run python3 -m parity.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --fsdp --profile /tmp/fp/fsdp-$b --profile-steps 2 --out "$OUT/fsdp-fsdp-$b"
+  done
+  echo "--- host ops, fsdp, batch 16"; head -34 /tmp/fp/fsdp-16/torch/torch_ops.txt | cut -c1-190 | tee -a "$OUT/session.log"
   ;;
 esac; done
 echo "=== done" | tee -a "$OUT/session.log"
