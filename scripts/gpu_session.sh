@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
 # $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
-# xla | sweep | fsdp2 | fsdpprobe | xl | xlremat (default: the first seven).
+# generate-big | xla | sweep | fsdp2 | fsdpprobe | xl | xlremat (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
 # The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
@@ -34,6 +34,11 @@ bench)
   ;;
 generate)
   run python3 -m parity.bench --mode generate --backend jax,torch,hf --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen"
+  ;;
+generate-big)  # decoding for the 350M and 774M presets
+  for preset in gpt2-medium gpt2-large; do
+    run python3 -m parity.bench --mode generate --backend jax,torch,hf --preset $preset --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen-$preset"
+  done
   ;;
 train)
   run python3 train.py --backend=torch --config configs/shakespeare-gpt2.toml run.out_dir=/tmp/runs train.max_steps=200 train.eval_interval=100
