@@ -144,5 +144,11 @@ def barrier(dist: Dist) -> None:
 
 
 def shutdown(dist: Dist) -> None:
+    """Leave the process group together: only after a finished or an agreed stop, never a failure.
+
+    The barrier keeps a process from closing its connections while a peer still writes the last
+    checkpoint and talks to it; the group's background threads then have nothing left to abort on.
+    """
     if torch_dist.is_initialized():
+        barrier(dist)
         torch_dist.destroy_process_group()

@@ -206,7 +206,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
 
 def test_train_row_mfu_uses_the_devices_peak_and_none_on_cpu(monkeypatch):
     monkeypatch.delenv("BABYGPT_PEAK_FLOPS", raising=False)
-    args = SimpleNamespace(preset="tiny", seq=32, batch_list=[4, 8], remat=False)
+    args = SimpleNamespace(preset="tiny", seq=32, batch_list=[4, 8], remat=False, fsdp=False)
     config = bench._config(args)
     assert config.model.block_size == 32 and config.train.micro_batch_size == 4
     times = [0.030, 0.010, 0.020]  # seconds

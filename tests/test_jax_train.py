@@ -236,7 +236,10 @@ def test_resume_after_kill_reproduces_the_next_losses(cli_run):
     (run_dir / "metrics.jsonl").write_text("")
     from babygpt_jax.train import main
 
-    config = load_config(None, [*overrides, f"run.out_dir={tmp}", "run.name=resume", "run.resume=true"])
+    # The run's own resolved config: the CLI run read configs/shakespeare.toml under its overrides.
+    config = load_config(
+        run_dir / "config.toml", [f"run.out_dir={tmp}", "run.name=resume", "run.resume=true"]
+    )
     summary = main(config)
     assert summary["steps"] == 3
     resumed = _metrics(run_dir)

@@ -341,7 +341,8 @@ def test_sigterm_to_one_worker_stops_every_rank_at_the_same_step_with_exit_143(b
     ]  # fmt: skip
     _wait_for_step(config.run_dir, 2, *workers)
     workers[1].proc.send_signal(signal.SIGTERM)
-    assert [worker.wait() for worker in workers] == [143, 143]
+    codes = [worker.wait() for worker in workers]
+    assert codes == [143, 143], [w.stderr()[-1500:] for w in workers]
     stopped = latest_step(config.run_dir)
     assert stopped == max(_records(config.run_dir))
     assert f"stopped by SIGTERM after step {stopped} and saved" in workers[0].stderr()
