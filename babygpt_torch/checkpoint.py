@@ -30,13 +30,11 @@ from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
 from babygpt.hf import export_into_run_dir
 from babygpt_torch.model import hf_tensors
-from babygpt_torch.parallel import is_main_process
+from babygpt_torch.parallel import WHOLE_ON_RANK0, is_main_process
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # The fields that fix the shape of the weights; dropout may change between runs.
 _SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
-# Whole tensors (FSDP2's shards gathered), on rank 0's CPU: GPU memory holds one shard only.
-_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -70,8 +68,8 @@ def save_checkpoint(
     The optimizer state is keyed by parameter name, not by torch's position in the param groups.
     """
     path = checkpoint_path(run_dir, step)
-    weights = get_model_state_dict(model, options=_WHOLE)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+    weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE_ON_RANK0)
     if not is_main_process():
         return path
     weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied: store the matrix once

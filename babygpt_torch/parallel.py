@@ -26,6 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # for the slowest legitimate wait (rank 0 writing a large checkpoint while the others wait at the
 # next collective; a first step that compiles); a dead peer is noticed by torchrun long before.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# Whole tensors (FSDP2's shards gathered) on rank 0's CPU, the others left empty: GPU memory holds
+# one shard only. A plain module is read as it is.
+WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def gather_model(model: nn.Module, into: nn.Module | None) -> None:
 
     A collective: every process calls it, each sending its shards.
     """
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
     if into is not None:
         into.load_state_dict(weights)
 

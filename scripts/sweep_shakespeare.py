@@ -19,6 +19,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from parity.compare import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # name -> overrides; eval rows are kept at 80 sequences whatever the micro-batch, so val losses
@@ -154,9 +156,8 @@ def run_one(name: str, overrides: list[str], args) -> dict:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     record = {"name": name, "overrides": overrides, "cost": cost(overrides), "rc": proc.returncode}
-    lines = (Path(args.out) / name / "metrics.jsonl").read_text().splitlines() if proc.returncode == 0 else []
-    vals = [json.loads(x) for x in lines if '"val_loss"' in x]
-    record["val"] = {v["step"]: round(v["val_loss"], 3) for v in vals}
+    val = read_metrics(Path(args.out) / name)[1] if proc.returncode == 0 else {}
+    record["val"] = {step: round(loss, 3) for step, loss in val.items()}
     record["sample"] = proc.stdout[-400:]
     if proc.returncode:
         record["error"] = proc.stderr[-600:]
