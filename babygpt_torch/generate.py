@@ -24,24 +24,26 @@ CHECK_EVERY = 8
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """(B, V) logits with every token outside the top-k and outside the top-p nucleus set to -inf.
+    """(B, V) logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
 
-    top-k applies first; top-p then keeps the smallest set of the most likely tokens whose
-    probability adds up to at least top_p (at least one token). One sort serves both; tokens tied
-    with the last kept one are kept too.
+    Exactly Hugging Face's `TopKLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep=1): top-k
+    cuts by value, so every token tied with the k-th most likely stays; top-p then drops, from the
+    least likely up, each token whose probability and all smaller ones add up to at most 1 - top_p,
+    always keeping the most likely; tied tokens are ordered by id (a stable sort). top_p = 1 is off,
+    as in `generate`. One sort serves both.
     """
     V = logits.size(-1)
-    k = V if top_k is None else min(top_k, V)
+    k = V if top_k is None else min(max(top_k, 1), V)
     p = 1.0 if top_p is None else top_p
-    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    rank = torch.arange(V, device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = (rank < k) & (sorted_logits > float("-inf")) & ((mass_before < p) | (p >= 1.0))
-    n_keep = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
-    threshold = sorted_logits.gather(-1, n_keep - 1)
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    order = torch.argsort(logits, dim=-1, stable=True)  # (B, V) ascending
+    sorted_logits = logits.gather(-1, order)
+    kth = sorted_logits[..., V - k, None]  # (B, 1) the k-th largest value
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    mass = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)  # this token and all less likely
+    drop = (sorted_logits == float("-inf")) | ((mass <= 1 - p) & (p < 1))
+    drop[..., -1] = False
+    drop = torch.zeros_like(drop).scatter(-1, order, drop)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(
