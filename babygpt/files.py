@@ -49,3 +49,20 @@ def staging_dir(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _unique(path.parent, f".{path.name}.", ".tmp", lambda p: p.mkdir(0o777))
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it, else set and put back."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_usual_mode(path: str | Path) -> None:
+    """The mode a new file (0o666) or directory (0o777) gets under the umask, for what a library
+    or `tempfile` created private (safetensors writes 0o600, `mkdtemp` makes 0o700)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())

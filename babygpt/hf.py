@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from babygpt.config import BabyGPTError, ModelConfig
+from babygpt.files import set_usual_mode
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -103,6 +104,7 @@ def write_hf_dir(path: str | Path, config: ModelConfig, tensors: dict[str, np.nd
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        set_usual_mode(tmp)
         full = dict(tensors)
         if not config.bias:  # HF GPT-2 always has biases: zeros compute the same function
             full.update(_zero_biases(config))
@@ -111,6 +113,7 @@ def write_hf_dir(path: str | Path, config: ModelConfig, tensors: dict[str, np.nd
             tmp / "model.safetensors",
             metadata={"format": "pt"},
         )
+        set_usual_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
         if path.exists():
             shutil.rmtree(path)

@@ -254,9 +254,7 @@ def save_hf_dir(path: Path, config: ModelConfig, tensors: Tensors) -> Path:
     """
     stage = staging_dir(path)
     try:
-        built = write_hf_dir(stage / path.name, config, to_hf(tensors, config))
-        os.chmod(built, stage.stat().st_mode & 0o7777)  # the usual mode, not a private temporary's
-        os.replace(built, path)
+        os.replace(write_hf_dir(stage / path.name, config, to_hf(tensors, config)), path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return path
@@ -266,9 +264,9 @@ def check_destination(src: str | Path, dst: str | Path) -> None:
     """Refuse, before any work, every destination whose writing could touch what is already there."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if dst == src or src in dst.parents:
-        raise BabyGPTError(f"{dst} is inside the source {src}; write the conversion somewhere else")
+        raise BabyGPTError(f"{dst} is inside the source {src}; choose a destination outside it")
     if dst in src.parents:
-        raise BabyGPTError(f"{dst} holds the source {src}; write the conversion to a new path")
+        raise BabyGPTError(f"{dst} holds the source {src}; choose a new destination outside it")
     blocker = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise BabyGPTError(f"{blocker} is a file, so {dst} cannot be made; choose another destination")
