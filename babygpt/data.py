@@ -51,7 +51,32 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 def load_shard(path: str | Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
+    """A shard, memory-mapped; a truncated, foreign or damaged file is one line naming the fix."""
+    path = Path(path)
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # bad header, pickled data, shorter than its header says
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BabyGPTError(
+            f"{path} is not a readable token shard ({reason}); {_reprepare(path.parent)}"
+        ) from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise BabyGPTError(
+            f"{path} holds {tokens.dtype} of shape {tokens.shape}, not a row of uint16 tokens;"
+            f" {_reprepare(path.parent)}"
+        )
+    return tokens
+
+
+def _prepare_command(data_dir: Path) -> str:
+    name = data_dir.name
+    if name in ("shakespeare", "fineweb"):
+        return f"python prepare.py {name}"
+    return f"python prepare.py text FILE... --name {name}"
+
+
+def _reprepare(data_dir: Path) -> str:
+    return f"delete {data_dir} and prepare it again with `{_prepare_command(data_dir)}`"
 
 
 def dataset_dir(config: Config) -> Path:
@@ -62,13 +87,9 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     data_dir = Path(data_dir)
     shards = sorted(data_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy"))
     if not shards:
-        name = data_dir.name
-        hint = (
-            f"python prepare.py {name}"
-            if name in ("shakespeare", "fineweb")
-            else (f"python prepare.py text FILE... --name {name}")
+        raise BabyGPTError(
+            f"no {split} shards in {data_dir}; prepare them with `{_prepare_command(data_dir)}`"
         )
-        raise BabyGPTError(f"no {split} shards in {data_dir}; prepare them with `{hint}`")
     return shards
 
 
@@ -109,10 +130,55 @@ def ensure_dataset(config: Config) -> Path:
     """Shakespeare prepares itself on first use; any other dataset must have been prepared."""
     data_dir = dataset_dir(config)
     if config.data.dataset == "shakespeare" and not (data_dir / "meta.json").exists():
-        prepare_shakespeare(config.data.data_dir)
+        try:
+            prepare_shakespeare(config.data.data_dir)
+        except OSError as e:  # a read-only or full disk
+            raise BabyGPTError(
+                f"cannot prepare {data_dir} ({e.strerror}); set data.data_dir to a writable directory"
+            ) from None
     for split in SPLITS:
         list_shards(data_dir, split)
     return data_dir
+
+
+def check_vocab(config: Config) -> None:
+    """The dataset's tokens must fit the model's vocabulary; checked before anything runs.
+
+    meta.json records the tokenizer's vocabulary (50257 for GPT-2; the bundled Shakespeare, before
+    it is prepared, is GPT-2 tokens too). Where that exceeds `model.vocab_size`, the shards
+    themselves decide, a chunk at a time, stopping at the first token that does not fit: a data
+    set that declares a larger vocabulary than it uses (tests' random tokens) still trains.
+    """
+    data_dir, vocab_size = dataset_dir(config), config.model.vocab_size
+    if (data_dir / "meta.json").exists():
+        try:
+            declared = int(read_meta(data_dir).get("vocab_size", 0))
+        except (ValueError, TypeError, OSError) as e:  # json's errors are ValueErrors
+            raise BabyGPTError(
+                f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir)}"
+            ) from None
+    elif config.data.dataset == "shakespeare":
+        declared = get_tokenizer().n_vocab
+        if declared > vocab_size:
+            raise BabyGPTError(_vocab_message(data_dir, declared - 1, vocab_size, declared))
+        return
+    else:
+        return  # not prepared: ensure_dataset says how to prepare it
+    if declared <= vocab_size:
+        return
+    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val"):
+        tokens = load_shard(path)
+        for start in range(0, len(tokens), 1 << 24):
+            largest = int(tokens[start : start + (1 << 24)].max(initial=0))
+            if largest >= vocab_size:
+                raise BabyGPTError(_vocab_message(data_dir, largest, vocab_size, declared))
+
+
+def _vocab_message(data_dir: Path, token: int, vocab_size: int, declared: int) -> str:
+    return (
+        f"{data_dir} holds token id {token} but model.vocab_size={vocab_size};"
+        f" set model.vocab_size={declared} (its tokenizer's vocabulary)"
+    )
 
 
 class TokenWindows:
