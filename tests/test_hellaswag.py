@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -237,7 +238,7 @@ def test_bad_data_and_flags_are_one_line_and_change_nothing(model_dirs, tmp_path
         argv = ["--checkpoint", str(model_dirs["unigram"]), "--backend", backend, *args]
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda: cli.main(argv))
+            run_cli(functools.partial(cli.main, argv))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, args
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
