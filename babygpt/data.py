@@ -142,7 +142,7 @@ def ensure_dataset(config: Config) -> Path:
 
 
 def check_vocab(config: Config) -> None:
-    """The dataset's tokens must fit the model's vocabulary; checked before anything runs.
+    """Before anything runs: every shard opens, and the dataset's tokens fit `model.vocab_size`.
 
     meta.json records the tokenizer's vocabulary (50257 for GPT-2; the bundled Shakespeare, before
     it is prepared, is GPT-2 tokens too). Where that exceeds `model.vocab_size`, the shards
@@ -150,26 +150,22 @@ def check_vocab(config: Config) -> None:
     set that declares a larger vocabulary than it uses (tests' random tokens) still trains.
     """
     data_dir, vocab_size = dataset_dir(config), config.model.vocab_size
-    if (data_dir / "meta.json").exists():
-        try:
-            declared = int(read_meta(data_dir).get("vocab_size", 0))
-        except (ValueError, TypeError, OSError) as e:  # json's errors are ValueErrors
-            raise BabyGPTError(
-                f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir)}"
-            ) from None
-    elif config.data.dataset == "shakespeare":
+    if not (data_dir / "meta.json").exists():
         declared = get_tokenizer().n_vocab
-        if declared > vocab_size:
+        if config.data.dataset == "shakespeare" and declared > vocab_size:  # prepared on first use
             raise BabyGPTError(_vocab_message(data_dir, declared - 1, vocab_size, declared))
-        return
-    else:
-        return  # not prepared: ensure_dataset says how to prepare it
+        return  # not prepared: ensure_dataset says how
+    try:
+        declared = int(read_meta(data_dir).get("vocab_size", 0))
+    except (ValueError, TypeError, AttributeError, OSError) as e:  # json's errors are ValueErrors
+        raise BabyGPTError(f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir)}") from None
+    shards = [load_shard(path) for split in SPLITS for path in list_shards(data_dir, split)]
     if declared <= vocab_size:
         return
-    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val"):
-        tokens = load_shard(path)
-        for start in range(0, len(tokens), 1 << 24):
-            largest = int(tokens[start : start + (1 << 24)].max(initial=0))
+    chunk = 1 << 24
+    for tokens in shards:
+        for start in range(0, len(tokens), chunk):
+            largest = int(tokens[start : start + chunk].max(initial=0))
             if largest >= vocab_size:
                 raise BabyGPTError(_vocab_message(data_dir, largest, vocab_size, declared))
 
