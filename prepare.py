@@ -13,6 +13,7 @@ is the validation split. Rerunning an interrupted command resumes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -127,10 +128,17 @@ def _prepare(args: argparse.Namespace) -> None:
             documents = reader(args.files, args.text_field)
         extra = dict(source=f"{args.command}: {', '.join(args.files)}", val_fraction=args.val_fraction)
     out_dir = Path(args.data_dir) / name
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     start = time.perf_counter()
-    meta = write_dataset(
-        documents, out_dir, shard_tokens=args.shard_tokens, workers=max(1, args.workers), **extra
-    )
+    try:
+        meta = write_dataset(
+            documents, out_dir, shard_tokens=args.shard_tokens, workers=max(1, args.workers), **extra
+        )
+    except BaseException:
+        for directory in made:  # a corpus refused before its first shard leaves no empty directories
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only ever succeeds on an empty directory
+        raise
     seconds = time.perf_counter() - start
     tokens = meta["train_tokens"] + meta["val_tokens"]
     print(

@@ -203,6 +203,11 @@ def test_core_hellaswag_imports_no_backend():
     code = "import sys, babygpt.eval.hellaswag; print(any(m.split('.')[0] in ('torch', 'jax', 'flax', 'babygpt_torch', 'babygpt_jax') for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+    old_command = subprocess.run(
+        [sys.executable, "-m", "babygpt.eval.hellaswag", "--checkpoint", "x"], capture_output=True, text=True
+    )
+    assert old_command.returncode == 2 and old_command.stderr.count("\n") == 1
+    assert "python hellaswag.py" in old_command.stderr
 
 
 def test_bad_data_and_flags_are_one_line_and_change_nothing(model_dirs, tmp_path, capsys):

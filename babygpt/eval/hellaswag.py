@@ -150,3 +150,13 @@ def evaluate(score: ScoreFn, examples: Sequence[dict], block_size: int, batch_ex
         means.append(np.asarray(mean).reshape(-1, 4))
         labels.append(batch_labels)
     return accuracy(np.concatenate(sums), np.concatenate(means), np.concatenate(labels))
+
+
+if __name__ == "__main__":  # the old entry point: the command moved out of the core with the model loading
+    import sys
+
+    print(
+        "error: run HellaSwag with `python hellaswag.py --checkpoint ...` from the repository root",
+        file=sys.stderr,
+    )
+    sys.exit(2)
