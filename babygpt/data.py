@@ -57,13 +57,11 @@ def load_shard(path: str | Path) -> np.ndarray:
         tokens = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:  # bad header, pickled data, shorter than its header says
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BabyGPTError(
-            f"{path} is not a readable token shard ({reason}); {_reprepare(path.parent)}"
-        ) from None
+        raise BabyGPTError(f"{path} is not a readable token shard ({reason}); {_reprepare(path)}") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise BabyGPTError(
             f"{path} holds {tokens.dtype} of shape {tokens.shape}, not a row of uint16 tokens;"
-            f" {_reprepare(path.parent)}"
+            f" {_reprepare(path)}"
         )
     return tokens
 
@@ -75,8 +73,9 @@ def _prepare_command(data_dir: Path) -> str:
     return f"python prepare.py text FILE... --name {name}"
 
 
-def _reprepare(data_dir: Path) -> str:
-    return f"delete {data_dir} and prepare it again with `{_prepare_command(data_dir)}`"
+def _reprepare(path: Path) -> str:
+    """Preparing resumes: it rewrites only the files that are missing."""
+    return f"delete {path} and rerun the command that prepared it, e.g. `{_prepare_command(path.parent)}`"
 
 
 def dataset_dir(config: Config) -> Path:
@@ -158,7 +157,9 @@ def check_vocab(config: Config) -> None:
     try:
         declared = int(read_meta(data_dir).get("vocab_size", 0))
     except (ValueError, TypeError, AttributeError, OSError) as e:  # json's errors are ValueErrors
-        raise BabyGPTError(f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir)}") from None
+        raise BabyGPTError(
+            f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir / 'meta.json')}"
+        ) from None
     shards = [load_shard(path) for split in SPLITS for path in list_shards(data_dir, split)]
     if declared <= vocab_size:
         return
