@@ -74,7 +74,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     eval_interval: int = 250
-    eval_steps: int = 20
+    eval_steps: int = 20  # 0 turns evaluation off; sizes it only while eval_tokens is 0
+    eval_tokens: int = (
+        0  # validation tokens per evaluation, any device count; 0: eval_steps x micro_batch x block
+    )
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     log_interval: int = 10
@@ -192,6 +195,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"train.{name} must be positive")
     if t.total_batch_tokens < 0 or t.warmup_steps < 0 or t.eval_steps < 0:
         raise ConfigError("train.total_batch_tokens, warmup_steps and eval_steps must be >= 0")
+    if t.eval_tokens < 0:
+        raise ConfigError("train.eval_tokens must be >= 0 (0: eval_steps x micro_batch_size x block_size)")
     if t.max_lr <= 0 or t.final_lr < 0 or t.final_lr > t.max_lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.max_lr, got {t.final_lr}, {t.max_lr}")
     if t.dtype not in DTYPES:
