@@ -2,6 +2,7 @@
 
     python scripts/compare_nanogpt.py --out out/nanogpt-curve          # GPU: GPT-2 124M, 300 steps
     python scripts/compare_nanogpt.py --tiny --out /tmp/nanogpt-tiny   # CPU: a tiny model, 4 steps
+    python scripts/compare_nanogpt.py --parts jax --out out/nanogpt-curve   # one curve, the rest kept
     python scripts/compare_nanogpt.py --replot out/nanogpt-curve/curves.json   # table and plot again
 
 nanoGPT is not part of this repository: put a copy in `.nanogpt/` first (ignored by git; the GPU
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,9 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "nanogpt-curve")
     parser.add_argument("--nanogpt", type=Path, default=ROOT / ".nanogpt", help="a copy of nanoGPT")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data", help="our datasets' root")
-    parser.add_argument("--runs", type=Path, default=Path("/tmp/nanogpt-curve"), help="run directories")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("/tmp/nanogpt-curve"), help="scratch: each part's run starts afresh"
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny float32 model for a few CPU steps")
-    parser.add_argument("--backends", default="torch,jax")
+    parser.add_argument(
+        "--parts", default=",".join(CURVES), help="which curves to run now; the others are kept from --out"
+    )
     parser.add_argument("--replot", type=Path, help="only redraw table and plot from a curves.json")
     args = parser.parse_args(argv)
 
@@ -222,32 +228,38 @@ def main(argv: list[str] | None = None) -> None:
         curves, title = read_curves(args.replot)
         print(write_results(curves, args.replot.parent, title))
         return
-    if not (args.nanogpt / "train.py").is_file():
-        sys.exit(
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(CURVES):
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {','.join(CURVES)}")
+    if "nanogpt" in parts and not (args.nanogpt / "train.py").is_file():
+        parser.error(
             f"no nanoGPT in {args.nanogpt}; git clone https://github.com/karpathy/nanoGPT {args.nanogpt}"
         )
     data_dir = args.data_dir.resolve()
     if not (data_dir / "shakespeare" / "meta.json").exists():
         prepare_shakespeare(data_dir)
-    sizes = write_nanogpt_data(data_dir / "shakespeare", args.nanogpt / "data" / DATASET)
-    print(f"nanoGPT data: {sizes['train']:,} train and {sizes['val']:,} val tokens")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.runs.resolve()
+    saved = args.out / "curves.json"  # parts run in separate sessions add up in one --out
+    curves = read_curves(saved)[0] if saved.exists() else {c: {} for c in CURVES}
 
-    recipe = {**NANOGPT_RECIPE, **NANOGPT_TINY} if args.tiny else NANOGPT_RECIPE
-    log = _run(
-        [sys.executable, "train.py", *nanogpt_args(recipe, runs / "nanogpt")],
-        cwd=args.nanogpt,
-        log=args.out / "nanogpt.log",
-    )
-    curves = {c: {} for c in CURVES}
-    curves["nanogpt"] = parse_nanogpt_log(log)[1]
-    if not curves["nanogpt"]:
-        sys.exit(f"no 'step N: ... val loss' line in {args.out / 'nanogpt.log'}")
+    if "nanogpt" in parts:
+        sizes = write_nanogpt_data(data_dir / "shakespeare", args.nanogpt / "data" / DATASET)
+        print(f"nanoGPT data: {sizes['train']:,} train and {sizes['val']:,} val tokens")
+        recipe = {**NANOGPT_RECIPE, **NANOGPT_TINY} if args.tiny else NANOGPT_RECIPE
+        log = _run(
+            [sys.executable, "train.py", *nanogpt_args(recipe, runs / "nanogpt")],
+            cwd=args.nanogpt,
+            log=args.out / "nanogpt.log",
+        )
+        curves["nanogpt"] = parse_nanogpt_log(log)[1]
+        if not curves["nanogpt"]:
+            sys.exit(f"no 'step N: ... val loss' line in {args.out / 'nanogpt.log'}")
 
     overrides = BABYGPT_RECIPE + (BABYGPT_TINY if args.tiny else [])
-    for backend in args.backends.split(","):
+    for backend in [p for p in parts if p != "nanogpt"]:
         name = f"{backend}{'-tiny' if args.tiny else ''}"
+        shutil.rmtree(runs / name, ignore_errors=True)  # a part run again replaces its curve
         _run(
             [
                 sys.executable,

@@ -109,22 +109,12 @@ def test_tiny_comparison_runs_nanogpt_and_both_backends(tmp_path):
     if nanogpt is None:
         pytest.skip(f"no nanoGPT copy: neither {ROOT / '.nanogpt'} nor the mirror {MIRROR} exists")
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--tiny",
-            "--nanogpt",
-            str(nanogpt),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ]
-        + ["--runs", str(tmp_path / "runs"), "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    args = [sys.executable, str(SCRIPT), "--tiny", "--nanogpt", str(nanogpt), "--out", str(out)]
+    args += ["--data-dir", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for parts in ("nanogpt,torch", "jax"):  # a later part adds its curve to the saved ones
+        done = subprocess.run(args + ["--parts", parts], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert np.fromfile(nanogpt / "data" / compare.DATASET / "val.bin", dtype=np.uint16).size == 33_802
     curves = json.loads((out / "curves.json").read_text())["val_loss"]
     assert sorted(curves["nanogpt"], key=int) == ["0", "2", "4"]  # nanoGPT also evaluates before step 1
