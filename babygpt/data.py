@@ -153,7 +153,7 @@ class TokenWindows:
                 f"the dataset is shorter than one window of {seq_len + 1} tokens;"
                 " lower model.block_size or add data"
             )
-        # Offsets past n - 1 - T would leave a shard with a window on the grid none in some epoch.
+        # At most n - T - 1: a shard with a window on the grid keeps at least one in every epoch.
         self._offset_bounds = np.clip(self.lengths - seq_len, 1, seq_len)
         self._epoch_ends = np.zeros(0, dtype=np.int64)  # samples before the end of each epoch
 
