@@ -74,7 +74,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     eval_interval: int = 250
-    eval_steps: int = 20
+    eval_steps: int = 20  # 0 turns evaluation off; sizes it only while eval_tokens is 0
+    eval_tokens: int = (
+        0  # validation tokens per evaluation, any device count; 0: eval_steps x micro_batch x block
+    )
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     log_interval: int = 10
@@ -202,7 +205,7 @@ def validate(config: Config) -> Config:
                 f"train.{name}={getattr(t, name)} must be at least 1;"
                 f" set it above train.max_steps={t.max_steps} to act only at the end"
             )
-    for name in ("total_batch_tokens", "warmup_steps", "eval_steps", "sample_tokens"):
+    for name in ("total_batch_tokens", "warmup_steps", "eval_steps", "eval_tokens", "sample_tokens"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
     if t.keep_checkpoints < 1:
