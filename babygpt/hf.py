@@ -7,6 +7,7 @@ kernels and unlike `nn.Linear`; the vocabulary is unpadded (50257 rows) and `lm_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from babygpt.config import BabyGPTError, ModelConfig
@@ -62,7 +63,7 @@ def hf_names(config: ModelConfig) -> list[str]:
 
 def pad_vocab(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     """HF tensors for a model of `config`: shapes checked, the embedding padded with zero rows."""
-    check_shapes(tensors, config, "the weights")
+    check_shapes({name: array.shape for name, array in tensors.items()}, config, "the weights")
     wte = tensors["transformer.wte.weight"]
     pad = np.zeros((config.padded_vocab_size - wte.shape[0], wte.shape[1]), wte.dtype)
     return {**tensors, "transformer.wte.weight": np.concatenate([wte, pad])}
@@ -73,14 +74,14 @@ def unpad_vocab(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str
     return {**tensors, "transformer.wte.weight": tensors["transformer.wte.weight"][: config.vocab_size]}
 
 
-def check_shapes(tensors: dict[str, np.ndarray], config: ModelConfig, what: str) -> None:
-    """One line if a tensor is missing or its shape is not the one `config`'s model needs."""
+def check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, what: str) -> None:
+    """One line if a tensor is missing or its shape (by HF name) is not the one `config`'s model needs."""
     for name, shape in hf_shapes(config).items():
-        if name not in tensors:
+        if name not in shapes:
             raise BabyGPTError(f"{what} lack the GPT-2 tensor {name}")
-        if tuple(tensors[name].shape) != shape:
+        if tuple(shapes[name]) != shape:
             raise BabyGPTError(
-                f"{what} do not fit the model: {name} is {tuple(tensors[name].shape)}, the model's is {shape}"
+                f"{what} do not fit the model: {name} is {tuple(shapes[name])}, the model's is {shape}"
             )
 
 
@@ -124,12 +125,12 @@ def read_pretrained(path: str | Path, wanted: ModelConfig) -> dict[str, np.ndarr
     return tensors
 
 
-def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """The model config and the float32 tensors of a Hugging Face GPT-2 directory.
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The model of a Hugging Face GPT-2 directory, checked without loading its weights.
 
-    Everything that could make the two backends compute something else than the directory's model
-    is refused with one line: a config.json babyGPT cannot read or whose function it does not
-    compute (`GPT2_FUNCTION`), weights that are unreadable, missing or do not fit the config.
+    config.json is read whole and the safetensors header checked against it: a file that cannot be
+    read, a function babyGPT does not compute (`GPT2_FUNCTION`), tensors that are missing or do not
+    fit the config are each refused with one line, before any backend is imported.
     """
     path = Path(path)
     config_file, weights_file = path / "config.json", path / "model.safetensors"
@@ -138,27 +139,49 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             f"{path} is not a Hugging Face GPT-2 directory (needs config.json and model.safetensors)"
         )
     fields = _read_config(config_file)
-    try:
-        stored = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BabyGPTError(
-            f"{weights_file} is not a readable safetensors file ({str(e).splitlines()[0]});"
-            " export or download it again"
-        ) from None
-    tensors = {
-        k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in stored.items()
-    }
-    # Our exports of bias-free models carry zero biases (HF GPT-2 always has them) and say so.
-    fields.setdefault("bias", "transformer.h.0.attn.c_attn.bias" in tensors)
-    config = ModelConfig(**fields)
-    lm_head = tensors.get("lm_head.weight")
-    if lm_head is not None and not np.array_equal(lm_head, tensors.get("transformer.wte.weight")):
-        raise BabyGPTError(
-            f"{weights_file} has an lm_head.weight of its own (not tied to wte);"
-            " babyGPT computes GPT-2's tied output layer only"
+    with _readable(weights_file), safe_open(weights_file, framework="numpy") as stored:
+        keys = {_hf_key(k): k for k in stored.keys()}
+        shapes = {name: tuple(stored.get_slice(k).get_shape()) for name, k in keys.items()}
+        # transformers writes the output layer only when it is not tied to wte: refuse, unless equal
+        untied = {"lm_head.weight", "transformer.wte.weight"} <= keys.keys() and not np.array_equal(
+            stored.get_tensor(keys["lm_head.weight"]), stored.get_tensor(keys["transformer.wte.weight"])
         )
-    check_shapes(tensors, config, f"{weights_file}'s tensors (config.json: {_shape_text(config)})")
+    if untied:
+        raise BabyGPTError(
+            f"{weights_file} has an lm_head.weight of its own (tie_word_embeddings=false);"
+            " babyGPT computes GPT-2's output layer tied to wte only, so it cannot load this model"
+        )
+    # Our exports of bias-free models carry zero biases (HF GPT-2 always has them) and say so.
+    fields.setdefault("bias", "transformer.h.0.attn.c_attn.bias" in shapes)
+    config = ModelConfig(**fields)
+    check_shapes(shapes, config, f"{weights_file}'s tensors (config.json: {_shape_text(config)})")
+    return config
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """The model config (`read_hf_config`) and the float32 tensors of a Hugging Face GPT-2 directory."""
+    config = read_hf_config(path)
+    weights_file = Path(path) / "model.safetensors"
+    with _readable(weights_file):
+        tensors = {_hf_key(k): v for k, v in load_file(weights_file).items()}
     return config, {n: tensors[n].astype(np.float32) for n in hf_names(config)}
+
+
+def _hf_key(name: str) -> str:
+    """transformers saves a bare GPT2Model's tensors without the `transformer.` prefix."""
+    return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+
+
+@contextlib.contextmanager
+def _readable(weights_file: Path):
+    """A corrupt, truncated or unreadable safetensors file as one line."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BabyGPTError(
+            f"{weights_file} is not a readable safetensors file ({reason}); export or download it again"
+        ) from None
 
 
 def _read_config(config_file: Path) -> dict:

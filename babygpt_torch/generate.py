@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts
+from babygpt_torch.model import GPT
 
 # Without a per-token callback, tokens stay on the device and the host looks for the stop token
 # every this many steps (without a stop token, only at the end), so the GPU never waits for Python.
 CHECK_EVERY = 8
+
+
+def load_model(path: str | Path) -> GPT:
+    """A Hugging Face GPT-2 directory, ready to sample: on a GPU if there is one (bfloat16 autocast)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return GPT.from_pretrained(path).to(device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
