@@ -62,8 +62,14 @@ def hf_names(config: ModelConfig) -> list[str]:
 
 
 def pad_vocab(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
-    """HF tensors for a model of `config`: shapes checked, the embedding padded with zero rows."""
-    check_shapes({name: array.shape for name, array in tensors.items()}, config, "the weights")
+    """HF tensors for a model of `config`: shapes checked, the embedding padded with zero rows.
+
+    An embedding that has its padded rows already (the parity tests' full layout) keeps them.
+    """
+    shapes = {name: array.shape for name, array in tensors.items()}
+    if shapes.get("transformer.wte.weight", (0,))[0] == config.padded_vocab_size:
+        shapes["transformer.wte.weight"] = (config.vocab_size, *shapes["transformer.wte.weight"][1:])
+    check_shapes(shapes, config, "the weights")
     wte = tensors["transformer.wte.weight"]
     pad = np.zeros((config.padded_vocab_size - wte.shape[0], wte.shape[1]), wte.dtype)
     return {**tensors, "transformer.wte.weight": np.concatenate([wte, pad])}
