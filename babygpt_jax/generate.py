@@ -103,13 +103,13 @@ def generate(
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
     # Every row's token at every position: the prompts, then what decoding chooses. One column
     # more than the cache, because the last chosen token is never fed back.
-    tokens = np.zeros((B, S + 1), np.int32)
+    padded = np.zeros((B, S + 1), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    tokens, lengths_arr = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    chunk = tokens[:, : prefill_length(shortest, S)]
+        padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     prefill, step, decode_loop = _compiled_steps(graphdef, top_k is not None or top_p is not None)
+    tokens, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+    chunk = tokens[:, : prefill_length(shortest, S)]
     # Traced, so a new value reuses the compiled steps.
     settings = (
         jnp.float32(temperature),
