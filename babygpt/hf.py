@@ -115,19 +115,38 @@ def hf_config_dict(config: ModelConfig) -> dict:
     }
 
 
-def shape_mismatches(pretrained: ModelConfig, wanted: ModelConfig) -> list[str]:
-    """The fields in which a checkpoint's model differs from the configured one."""
-    fields = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "layer_norm_epsilon")
-    have, want = dataclasses.asdict(pretrained), dataclasses.asdict(wanted)
-    return [f"model.{k}={have[k]!r} (config: {want[k]!r})" for k in fields if have[k] != want[k]]
+# The ModelConfig fields that decide the function a model's weights compute.
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "layer_norm_epsilon")
 
 
-def read_pretrained(path: str | Path, wanted: ModelConfig) -> dict[str, np.ndarray]:
-    """The tensors of the HF directory `train.init_from` names, refused unless its model is `wanted`."""
+def shape_mismatches(
+    have: ModelConfig | dict,
+    want: ModelConfig,
+    where: str = "the checkpoint",
+    fields: tuple[str, ...] = MODEL_FIELDS,
+) -> list[str]:
+    """The fields in which a stored model (a ModelConfig, or one saved as a dict) differs from `want`.
+
+    One rule for every place that loads weights into a configured model: `train.init_from` here,
+    and each backend's checkpoint restore (which adds `vocab_multiple`: its tables are padded). A
+    field a dict lacks was saved before the field existed, and had its default.
+    """
+    defaults = dataclasses.asdict(ModelConfig())
+    have = have if isinstance(have, dict) else dataclasses.asdict(have)
+    current = dataclasses.asdict(want)
+    return [
+        f"model.{k}={have.get(k, defaults[k])!r} in {where} but {current[k]!r} in the config"
+        for k in fields
+        if have.get(k, defaults[k]) != current[k]
+    ]
+
+
+def read_pretrained(path: str | Path, want: ModelConfig) -> dict[str, np.ndarray]:
+    """The tensors of the HF directory `train.init_from` names, refused unless its model is `want`'s."""
     pretrained, tensors = read_hf_dir(path)
-    diffs = shape_mismatches(pretrained, wanted)
+    diffs = shape_mismatches(pretrained, want, str(path))
     if diffs:
-        raise BabyGPTError(f"train.init_from={path} has {', '.join(diffs)}; set the [model] section to match")
+        raise BabyGPTError(f"train.init_from={path} has {'; '.join(diffs)}; set the [model] section to match")
     return tensors
 
 
