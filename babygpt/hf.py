@@ -80,14 +80,14 @@ def unpad_vocab(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str
     return {**tensors, "transformer.wte.weight": tensors["transformer.wte.weight"][: config.vocab_size]}
 
 
-def check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, what: str) -> None:
+def check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, what: str, fix: str = "") -> None:
     """One line if a tensor is missing or its shape (by HF name) is not the one `config`'s model needs."""
     for name, shape in hf_shapes(config).items():
         if name not in shapes:
-            raise BabyGPTError(f"{what} lack the GPT-2 tensor {name}")
+            raise BabyGPTError(f"{what} lack the GPT-2 tensor {name}{fix}")
         if tuple(shapes[name]) != shape:
             raise BabyGPTError(
-                f"{what} do not fit the model: {name} is {tuple(shapes[name])}, the model's is {shape}"
+                f"{what} do not fit the model: {name} is {tuple(shapes[name])}, the model's is {shape}{fix}"
             )
 
 
@@ -179,7 +179,12 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     # Our exports of bias-free models carry zero biases (HF GPT-2 always has them) and say so.
     fields.setdefault("bias", "transformer.h.0.attn.c_attn.bias" in shapes)
     config = ModelConfig(**fields)
-    check_shapes(shapes, config, f"{weights_file}'s tensors (config.json: {_shape_text(config)})")
+    check_shapes(
+        shapes,
+        config,
+        f"{weights_file}'s tensors (config.json: {_shape_text(config)})",
+        "; config.json does not describe these weights: export the model again",
+    )
     return config
 
 
