@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 
 from babygpt.cli import run_cli
-from babygpt.config import BACKENDS, BabyGPTError, ModelConfig
+from babygpt.config import BACKENDS, BabyGPTError
 from babygpt.hf import read_hf_config
 from babygpt.sampling import SamplingSettings, StreamDecoder
 from babygpt.tokenizer import EOT, encode_prompt, get_tokenizer
@@ -84,7 +84,7 @@ def resolve_backend(checkpoint: Path, backend: str | None) -> str:
     return backend
 
 
-def check_checkpoint(checkpoint: Path) -> ModelConfig:
+def check_checkpoint(checkpoint: Path) -> None:
     """A directory either backend can load, checked before the (slow) backend import: one line if not."""
     if not checkpoint.is_dir():
         raise BabyGPTError(
@@ -104,7 +104,6 @@ def check_checkpoint(checkpoint: Path) -> ModelConfig:
             f"{checkpoint} holds a model of {config.vocab_size} tokens, fewer than GPT-2's tokenizer's"
             f" {get_tokenizer().n_vocab}; inference.py samples models of GPT-2's vocabulary"
         )
-    return config
 
 
 class Sampler:

@@ -218,3 +218,14 @@ def test_a_transformers_directory_samples_the_same_in_both_backends(transformers
         assert result.stdout.startswith(PROMPT)
         outputs.add(result.stdout)
     assert len(outputs) == 1  # greedy: the same text from both
+
+
+def test_a_model_of_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    result = run("--checkpoint", str(tmp_path), "--prompt", PROMPT)  # "Hi" is token 17250
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "holds a model of 100 tokens, fewer than GPT-2's tokenizer's 50257" in result.stderr
