@@ -160,11 +160,6 @@ class GPT(nnx.Module):
         logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.config.vocab_size, -jnp.inf, logits)
         return logits, None if kv_cache is None else new_cache
 
-    @property
-    def remat(self) -> bool:
-        """Whether the blocks recompute their activations in the backward pass: fixed at construction."""
-        return isinstance(self.transformer.h[0], RematBlock)
-
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
         c = self.config
         shape = (batch_size, max_len, c.n_head, c.head_dim)

@@ -145,11 +145,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         return logits.masked_fill(self.vocab_pad, float("-inf")), kv_cache
 
-    @property
-    def remat(self) -> bool:
-        """Whether the blocks recompute their activations in the backward pass: fixed at construction."""
-        return isinstance(self.transformer.h[0], RematBlock)
-
     def init_cache(self, batch_size: int, max_len: int, dtype=torch.float32) -> KVCache:
         c = self.config
         shape = (batch_size, c.n_head, max_len, c.head_dim)
