@@ -33,6 +33,7 @@ class ModelConfig:
     block_size: int = 1024
     bias: bool = True
     dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5  # GPT-2's; a Hugging Face config.json may say otherwise
     vocab_multiple: int = 64  # pad the embedding rows to a multiple of this (50257 -> 50304)
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,13 @@ import numpy as np
 from flax import nnx
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts, prefill_length
+from babygpt_jax.model import GPT
+
+
+def load_model(path: str | Path) -> GPT:
+    """A Hugging Face GPT-2 directory, ready to sample: bfloat16 compute on a GPU, float32 on CPU."""
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return GPT.from_pretrained(path, dtype=dtype)
 
 
 def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
@@ -77,6 +85,7 @@ def generate(
     seed: int = 0,
     stop_token: int | None = 50256,
     on_token: Callable[[int, int], None] | None = None,
+    compile: bool | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
 
@@ -87,6 +96,7 @@ def generate(
     `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
     `on_token(row, token)` is called for each new token as it is chosen; without it the whole
     decode loop runs on the device in one call, and the host reads the tokens once at the end.
+    `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -95,13 +105,13 @@ def generate(
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
     # Every row's token at every position: the prompts, then what decoding chooses. One column
     # more than the cache, because the last chosen token is never fed back.
-    tokens = np.zeros((B, S + 1), np.int32)
+    padded = np.zeros((B, S + 1), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    tokens, lengths_arr = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    chunk = tokens[:, : prefill_length(shortest, S)]
+        padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     prefill, step, decode_loop = _compiled_steps(graphdef, top_k is not None or top_p is not None)
+    tokens, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+    chunk = tokens[:, : prefill_length(shortest, S)]
     # Traced, so a new value reuses the compiled steps.
     settings = (
         jnp.float32(temperature),
