@@ -194,6 +194,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 < m.layer_norm_epsilon < 1.0:
+        raise ConfigError(f"model.layer_norm_epsilon={m.layer_norm_epsilon} must be in (0, 1), e.g. 1e-5")
     for name in ("max_steps", "micro_batch_size"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")

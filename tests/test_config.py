@@ -72,6 +72,7 @@ def test_unknown_key_names_the_closest_valid_one(override, message):
         ("run.backend=tensorflow", "choose one of jax, torch"),
         # once tracebacks or silently accepted, several making the two backends compute differently
         ("model.n_head=0", r"model.n_head=0 must be positive"),
+        ("model.layer_norm_epsilon=0", r"model.layer_norm_epsilon=0.0 must be in \(0, 1\)"),
         ("train.checkpoint_interval=0", r"train.checkpoint_interval=0 must be at least 1; set it above"),
         ("train.checkpoint_interval=-1", r"train.checkpoint_interval=-1 must be at least 1"),
         ("train.eval_interval=0", r"train.eval_interval=0 must be at least 1"),
