@@ -10,7 +10,10 @@ in the Hugging Face layout that both backends (and `transformers`) load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -33,10 +36,24 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
 
     Call `wait_until_finished()` (or `close()`) before the process exits, or the last save is lost.
     """
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(keep, 1), create=not read_only, read_only=read_only, enable_async_checkpointing=True
-    )
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+    with _quiet_orbax():
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(keep, 1), create=not read_only, read_only=read_only, enable_async_checkpointing=True
+        )
+        return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax narrates a read-only manager's settings and every failed read as absl warnings: a
+    corrupt checkpoint should be our one line, not that line after a screenful of theirs."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def save_checkpoint(
@@ -63,11 +80,8 @@ def latest_step(run_dir: str | Path) -> int | None:
     """The newest committed checkpoint's step (orbax ignores unfinished, temporary directories)."""
     if not checkpoint_dir(run_dir).is_dir():
         return None
-    manager = checkpoint_manager(run_dir, read_only=True)
-    try:
+    with contextlib.closing(checkpoint_manager(run_dir, read_only=True)) as manager, _quiet_orbax():
         return manager.latest_step()
-    finally:
-        manager.close()
 
 
 def restore_checkpoint(
@@ -85,7 +99,7 @@ def restore_checkpoint(
     path = checkpoint_dir(run_dir) / str(step)
     fix = "delete it to resume from the one before"
     manager = checkpoint_manager(run_dir, read_only=True)
-    try:
+    with contextlib.closing(manager), _quiet_orbax():
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             saved = meta["model_config"]
@@ -114,8 +128,6 @@ def restore_checkpoint(
                 f"checkpoint {path} is corrupt or does not fit this model or optimizer"
                 f" ({type(e).__name__}: {first}); {fix}"
             ) from None
-    finally:
-        manager.close()
     return {"step": int(meta["step"]), "loader": meta["loader"], **state}
 
 

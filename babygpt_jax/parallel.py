@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -135,9 +137,36 @@ def put_global(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def make_global_batch(local_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def make_global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """One global array from every process's rows: each process passes only the rows it read."""
-    return jax.make_array_from_process_local_data(sharding, local_array)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def make_host_copy(model: nnx.Module, mesh: Mesh) -> Callable:
+    """A function from the parameters to the whole model on process 0 (None elsewhere), for the
+    export and the sample.
+
+    Parameters sharded over processes are gathered whole onto every device by a jitted identity
+    (a collective every process must join), then copied into `model`'s Variables on the host.
+    """
+    gather = jax.jit(lambda p: p, out_shardings=replicated(mesh))
+
+    def host_copy(params) -> nnx.Module | None:
+        weights = jax.device_get(gather(params))
+        if not is_main_process():
+            return None
+        nnx.update(model, weights)
+        return model
+
+    return host_copy
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is True on any: how the processes agree to stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    votes = multihost_utils.process_allgather(np.array([flag]))
+    return bool(np.any(votes))
 
 
 def barrier(name: str) -> None:

@@ -9,8 +9,10 @@ weights just before it runs); the parallelism lives in the process group and in 
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # How long a collective may wait for a peer before the job fails rather than hangs. Long enough
@@ -40,7 +43,8 @@ class Dist:
 
 
 def setup_distributed(fsdp: bool = False) -> Dist:
-    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone.
+    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone,
+    and set up this process's device.
 
     FSDP2 shards over a process group even when there is one process, so `fsdp` asks for a group
     of one where DDP needs none.
@@ -51,8 +55,10 @@ def setup_distributed(fsdp: bool = False) -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # before init: NCCL binds each process to its own GPU
+        torch.set_float32_matmul_precision("high")  # TF32 for any matmul left in float32
     else:
         device = torch.device("cpu")
+        _reuse_freed_cpu_memory()
     if (world_size > 1 or fsdp) and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A lone process started without torchrun has no rendezvous address: an in-memory store.
@@ -66,14 +72,6 @@ def setup_distributed(fsdp: bool = False) -> Dist:
 
 def is_main_process() -> bool:
     return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
-
-
-def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
-    """DDP all-reduces (averages) the gradients during backward; a single process needs nothing."""
-    if dist.world_size == 1:
-        return model
-    device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
 
 
 def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
@@ -91,21 +89,52 @@ def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
     return model
 
 
-def gather_model(model: nn.Module, into: nn.Module | None) -> None:
-    """Copy the whole weights of a sharded `model` into `into`, a plain replica on rank 0 (None elsewhere).
+def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
+    """DDP all-reduces (averages) the gradients during backward; a single process needs nothing."""
+    if dist.world_size == 1:
+        return model
+    device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
 
-    A collective: every process calls it, each sending its shards.
+
+def make_global_batch(local: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This process's rows of the global batch, on its device: DDP needs no global tensor.
+
+    Pinned memory lets the copy to a GPU overlap the previous step.
     """
-    weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
-    if into is not None:
-        into.load_state_dict(weights)
+    if dist.device.type == "cuda":
+        return local.pin_memory().to(dist.device, non_blocking=True)
+    return local
 
 
-def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Skip the gradient collective of a micro-step whose gradients only accumulate.
+def make_host_copy(model: nn.Module, dist: Dist, fsdp: bool) -> Callable[[], nn.Module | None]:
+    """A function returning the whole model on rank 0 (None elsewhere), for the export and the sample.
+
+    Without FSDP that is the model itself. Under FSDP no process holds the whole model: rank 0
+    keeps a plain copy on the CPU (taken now, before sharding) that each call refreshes from the
+    shards, a collective every process must join.
+    """
+    if not fsdp:
+        return lambda: model if dist.rank == 0 else None
+    whole = copy.deepcopy(model).cpu() if dist.rank == 0 else None
+
+    def host_copy() -> nn.Module | None:
+        weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
+        if whole is not None:
+            whole.load_state_dict(weights)
+        return whole
+
+    return host_copy
+
+
+def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient collective of a micro-step whose gradients only accumulate (`sync` False).
 
     DDP's all-reduce or FSDP2's reduce-scatter then runs once, in the last micro-step's backward.
+    A single process has nothing to skip.
     """
+    if sync or not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return contextlib.nullcontext()
     if isinstance(model, DDP):
         return model.no_sync()
     module = getattr(model, "_orig_mod", model)  # the module under torch.compile's wrapper
@@ -123,35 +152,67 @@ def _no_gradient_sync(model: FSDPModule) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
-    if dist.world_size > 1:
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a global norm (`max_norm` 0: measure only); return the norm before.
+
+    FSDP2's gradients are shards, so its norm is a DTensor whose full value is global.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a value each computed on its own rows (the loss, for the log)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         tensor = tensor.clone()
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-        tensor /= dist.world_size
+        tensor /= torch_dist.get_world_size()
     return tensor
 
 
-def any_process(flag: bool, dist: Dist) -> bool:
-    """True on every process if it is True on any: how the ranks agree to stop at the same step."""
-    if dist.world_size == 1:
+def any_process(flag: bool) -> bool:
+    """True on every process if it is True on any: how the processes agree to stop at the same step."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return flag
-    votes = torch.tensor([int(flag)], device=dist.device)
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([int(flag)], device=device)
     torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
     return bool(votes.item())
 
 
-def barrier(dist: Dist) -> None:
-    """Wait for every process, e.g. while rank 0 prepares the dataset the others will read."""
-    if dist.world_size > 1:
+def barrier(name: str = "") -> None:
+    """Wait for every process, e.g. while rank 0 prepares the dataset the others will read.
+
+    `name` only mirrors JAX's named barrier: a process group's barriers are matched in order.
+    """
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()
 
 
-def shutdown(dist: Dist) -> None:
+def shutdown() -> None:
     """Leave the process group together: only after a finished or an agreed stop, never a failure.
 
     The barrier keeps a process from closing its connections while a peer still writes the last
     checkpoint and talks to it; the group's background threads then have nothing left to abort on.
     """
     if torch_dist.is_initialized():
-        barrier(dist)
+        barrier("shutdown")
         torch_dist.destroy_process_group()
+
+
+def _reuse_freed_cpu_memory() -> None:
+    """Keep glibc from handing large freed blocks back to the operating system between steps.
+
+    The logits and their gradients (B*T x 50,304 floats: 100 MB at the default config) are above
+    glibc's mmap threshold, so each is mmapped, unmapped when freed, and page-faulted (zeroed) in
+    again at the next step: half the CPU step time went to the kernel. Raising both thresholds
+    keeps such blocks in the heap for reuse. JAX's CPU runtime has its own allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
