@@ -214,6 +214,22 @@ class Backend:
     description: str  # the model's size and the devices, for the run's first line
 
 
+def run(config: Config, train: Callable[[Config], dict], shutdown: Callable[[], None]) -> dict:
+    """`train(config)`, then leave the process group: after a finished run or an agreed stop only.
+
+    Every process stopped at the same step is as clean as a finished run. After a failure there is
+    no teardown: the others may be blocked in a collective with this process and never come to
+    the shutdown's barrier; the process exits and the operating system releases the group.
+    """
+    try:
+        summary = train(config)
+    except Stopped:
+        shutdown()
+        raise
+    shutdown()
+    return summary
+
+
 def train(
     config: Config,
     run: RunDir,

@@ -38,7 +38,10 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
     """
     with _quiet_orbax():
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(keep, 1), create=not read_only, read_only=read_only, enable_async_checkpointing=True
+            max_to_keep=max(keep, 1),
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=True,
         )
         return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
 

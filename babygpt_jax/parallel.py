@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -137,9 +138,10 @@ def put_global(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def make_global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """One global array from every process's rows: each process passes only the rows it read."""
-    return jax.make_array_from_process_local_data(sharding, local)
+def make_global_batch(local, sharding: NamedSharding):
+    """Global arrays from every process's rows (an array, or a tuple of them, as x, y): each process
+    passes only the rows it read."""
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
 def make_host_copy(model: nnx.Module, mesh: Mesh) -> Callable:
@@ -159,6 +161,16 @@ def make_host_copy(model: nnx.Module, mesh: Mesh) -> Callable:
         return model
 
     return host_copy
+
+
+def all_finite(params) -> bool:
+    """Whether every parameter is finite, on every process: a jitted reduction over global arrays."""
+    return bool(_all_finite(params))
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
 
 
 def any_process(flag: bool) -> bool:

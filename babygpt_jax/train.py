@@ -1,13 +1,10 @@
 """Training in JAX: a pure `train_step(state, batch) -> (state, metrics)`, jitted once with shardings.
 
-The mirror of `babygpt_torch/train.py`, where the step mutates the model's `.grad`s and the
-optimizer in place. Here `nnx.split` turns the model into a static graph definition and a pytree
-of parameters, and the whole train state (parameters, optimizer state, RNG key, step) is one
-pytree that goes in and comes out new (its buffers donated, so the update happens in place on the
-device after all). Gradient accumulation is a `lax.scan` over the micro-batches inside the step,
-and the collectives data parallelism needs are inserted by `jax.jit` from the sharding
-annotations. Everything around the step (the run directory, cadence, signals) is
-`babygpt.harness`, shared with torch.
+The mirror of `babygpt_torch/train.py`, where the step changes the model and optimizer in place.
+Here the whole train state (parameters from `nnx.split`, optimizer state, RNG key, step) is one
+pytree that goes in and comes out new (its buffers donated, so the update is in place on the device
+after all). Accumulation is a `lax.scan` inside the step; `jax.jit` inserts the collectives from the
+sharding annotations. Everything around the step is `babygpt.harness`, shared with torch.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from babygpt.config import Config, compute_dtype_name
 from babygpt.data import ensure_dataset
 from babygpt.flops import peak_flops
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
+from babygpt_jax import parallel
 from babygpt_jax.checkpoint import (
     checkpoint_manager,
     export_hf,
@@ -37,20 +35,6 @@ from babygpt_jax.data import GrainLoader, make_loaders
 from babygpt_jax.generate import generate
 from babygpt_jax.model import GPT, load_hf_tensors
 from babygpt_jax.optim import lr_schedule, make_optimizer
-from babygpt_jax.parallel import (
-    any_process,
-    barrier,
-    batch_sharding,
-    is_main_process,
-    make_global_batch,
-    make_host_copy,
-    make_mesh,
-    param_shardings,
-    put_global,
-    replicated,
-    setup_distributed,
-    shutdown,
-)
 
 
 @struct.dataclass
@@ -73,35 +57,36 @@ def loss_fn(params, graphdef: nnx.GraphDef, rest, x, y, rng, dropout: bool):
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, rest, optimizer, schedule, dropout: bool):
-    """One optimizer step over the micro-batches of `batch` (x, y: (micro_steps, B, T)).
+    """One optimizer step over the micro-batches of `batch`, x and y.
 
-    Pure: the state in, a new state and the step's loss, grad_norm and lr out.
+    Pure: the state in; a new state and the step's loss, grad_norm and lr out.
 
-    Accumulation is a `lax.scan` over the micro-batches, not `optax.MultiSteps`: one compiled step
-    is one optimizer update, the accumulator lives only inside the step (no extra optimizer
-    state to shard and checkpoint), and the host calls one function per step whatever the
-    accumulation. Every micro-batch has the same token count, so the mean of the micro-batch
-    means is the mean over all tokens of the step, exactly as one big batch.
+    The gradient of the mean loss over the whole step, exactly as one big batch: every
+    micro-batch has the same token count, so the mean of the micro-batch gradients is it.
+    Accumulation is a `lax.scan`, not `optax.MultiSteps`: one compiled step is one optimizer
+    update, and the accumulator lives only inside the step (no extra state to shard and save).
     """
-    x, y = batch["x"], batch["y"]
+    x, y = batch  # (micro_steps, B, T) each
     micro_steps = x.shape[0]
     lr = schedule(state.step)  # the rate this step's update uses
-    rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn)
+    rng = jax.random.fold_in(state.rng, state.step)  # this step's dropout keys
+    grad_fn = jax.value_and_grad(loss_fn)  # the loss and its gradient, one pure function
+    zeros = jax.tree.map(jnp.zeros_like, state.params)  # the gradient sum starts at zero
 
-    def micro_step(grad_sum, micro):
-        x_m, y_m, i = micro  # (B, T), (B, T), ()
-        loss, grads = grad_fn(state.params, graphdef, rest, x_m, y_m, jax.random.fold_in(rng, i), dropout)
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
+    def micro_step(grad_sum, i):  # each micro-batch's loss, and its gradient added to the sum
+        key = jax.random.fold_in(rng, i)
+        loss, grads = grad_fn(state.params, graphdef, rest, x[i], y[i], key, dropout)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return grad_sum, loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, jnp.arange(micro_steps)))
+    grad_sum, losses = jax.lax.scan(micro_step, zeros, jnp.arange(micro_steps))
     grads = jax.tree.map(lambda g: g / micro_steps, grad_sum)
-    grad_norm = optax.global_norm(grads)  # before clipping, as torch's clip_grad_norm_ reports it
+    grad_norm = optax.global_norm(grads)  # before clipping, which is the optimizer's first stage
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return state, {"loss": jnp.mean(losses), "grad_norm": grad_norm, "lr": lr}
+    metrics = {"loss": jnp.mean(losses), "grad_norm": grad_norm, "lr": lr}
+    return state, metrics
 
 
 def make_train_step(graphdef, rest, optimizer, schedule, mesh: Mesh, state_sharding, dropout: bool = False):
@@ -109,11 +94,11 @@ def make_train_step(graphdef, rest, optimizer, schedule, mesh: Mesh, state_shard
     step = functools.partial(
         train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, schedule=schedule, dropout=dropout
     )
-    batch = {"x": batch_sharding(mesh), "y": batch_sharding(mesh)}
+    batch = (parallel.batch_sharding(mesh), parallel.batch_sharding(mesh))
     return jax.jit(
         step,
         in_shardings=(state_sharding, batch),
-        out_shardings=(state_sharding, replicated(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
 
@@ -128,11 +113,8 @@ def eval_step(params, x, y, *, graphdef, rest):
 
 def make_eval_step(graphdef: nnx.GraphDef, rest, mesh: Mesh, param_sharding):
     step = functools.partial(eval_step, graphdef=graphdef, rest=rest)
-    return jax.jit(
-        step,
-        in_shardings=(param_sharding, batch_sharding(mesh), batch_sharding(mesh)),
-        out_shardings=replicated(mesh),
-    )
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(param_sharding, batch, batch), out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(step_fn, params, val_loader: GrainLoader, steps: int, sharding: NamedSharding) -> float:
@@ -141,7 +123,7 @@ def evaluate(step_fn, params, val_loader: GrainLoader, steps: int, sharding: Nam
     total = jnp.zeros(())
     for _ in range(steps):
         x, y = val_loader.next_batch()
-        total += step_fn(params, make_global_batch(x, sharding), make_global_batch(y, sharding))
+        total += step_fn(params, *parallel.make_global_batch((x, y), sharding))
     return float(total) / max(steps, 1)
 
 
@@ -152,46 +134,33 @@ def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, 
     shardings that `make_train_step` fixes.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_sharding = param_shardings(mesh, params, fsdp)
-    opt_sharding = param_shardings(mesh, jax.eval_shape(optimizer.init, params), fsdp)
-    sharding = TrainState(
-        params=param_sharding, opt_state=opt_sharding, rng=replicated(mesh), step=replicated(mesh)
-    )
-    params = put_global(params, param_sharding)
-    state = TrainState(
-        params=params,
-        opt_state=jax.jit(optimizer.init, out_shardings=opt_sharding)(params),
-        rng=put_global(jax.random.PRNGKey(seed), replicated(mesh)),
-        step=put_global(np.int32(0), replicated(mesh)),
-    )
-    rest = put_global(rest, jax.tree.map(lambda _: replicated(mesh), rest))
-    return graphdef, rest, state, sharding
+    param_sharding = parallel.param_shardings(mesh, params, fsdp)
+    opt_sharding = parallel.param_shardings(mesh, jax.eval_shape(optimizer.init, params), fsdp)
+    replicated = parallel.replicated(mesh)
+    sharding = TrainState(param_sharding, opt_sharding, rng=replicated, step=replicated)
+    params = parallel.put_global(params, param_sharding)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
+    rng, step = parallel.put_global((jax.random.PRNGKey(seed), np.int32(0)), (replicated, replicated))
+    rest = parallel.put_global(rest, jax.tree.map(lambda _: replicated, rest))
+    return graphdef, rest, TrainState(params, opt_state, rng, step), sharding
 
 
 def main(config: Config) -> dict:
     """Train as `config` says, resuming if asked; return a summary of the run."""
-    setup_distributed()
-    try:
-        summary = _train(config)
-    except harness.Stopped:
-        shutdown()  # every process stopped at the same step: as clean as a finished run
-        raise
-    # Only a finished or stopped run leaves through `shutdown`, whose barrier waits for every
-    # process: after a failure the others may be blocked in a collective with this process.
-    shutdown()
-    return summary
+    parallel.setup_distributed()
+    return harness.run(config, _train, parallel.shutdown)
 
 
 def _train(config: Config) -> dict:
     t = config.train
-    processes = harness.Processes(is_main_process(), any_process, barrier)
+    processes = harness.Processes(parallel.is_main_process(), parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
         if processes.is_main:  # shakespeare prepares itself once, on process 0
             ensure_dataset(config)
-        barrier("dataset")
+        parallel.barrier("dataset")
         ensure_dataset(config)
-        plan, mesh = plan_batch(config, jax.device_count()), make_mesh(config)
+        plan, mesh = plan_batch(config, jax.device_count()), parallel.make_mesh(config)
         dtype = jnp.dtype(compute_dtype_name(t.dtype, jax.default_backend())).type
         model = _build_model(config, dtype)
         optimizer = make_optimizer(t)
@@ -199,23 +168,15 @@ def _train(config: Config) -> dict:
         train_loader, val_loader = make_loaders(config, plan, jax.process_index(), jax.local_device_count())
         if resume_step is not None:
             restored = restore_checkpoint(run.path, state.params, state.opt_state, state.rng, config.model)
-            step = put_global(np.int32(restored["step"]), replicated(mesh))
+            step = parallel.put_global(np.int32(restored["step"]), parallel.replicated(mesh))
             state = TrainState(restored["params"], restored["opt_state"], restored["rng"], step)
             train_loader.load_state_dict(restored["loader"])
         run.begin(resume_step or 0)  # every check passed: only now is the run directory written
-        step_fn = make_train_step(
-            graphdef, rest, optimizer, lr_schedule(t), mesh, sharding, config.model.dropout > 0
-        )
+        dropout = config.model.dropout > 0
+        step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule(t), mesh, sharding, dropout)
         eval_fn = make_eval_step(graphdef, rest, mesh, sharding.params)
-        batches, host_copy = batch_sharding(mesh), make_host_copy(model, mesh)
+        batches, host_copy = parallel.batch_sharding(mesh), parallel.make_host_copy(model, mesh)
         manager = checkpoint_manager(run.path, t.keep_checkpoints)
-        all_finite = jax.jit(
-            lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)]))
-        )
-
-        def next_batch() -> dict:
-            x, y = train_loader.next_batch()  # (micro_steps, rows of this process, T)
-            return {"x": make_global_batch(x, batches), "y": make_global_batch(y, batches)}
 
         def save(state: TrainState, step: int) -> None:
             loader_state = train_loader.state_dict()
@@ -234,9 +195,9 @@ def _train(config: Config) -> dict:
         backend = harness.Backend(
             name="jax",
             step=step_fn,
-            next_batch=next_batch,
+            next_batch=lambda: parallel.make_global_batch(train_loader.next_batch(), batches),
             to_host=lambda metrics: {k: float(v) for k, v in jax.device_get(metrics).items()},
-            finite=lambda state: bool(all_finite(state.params)),
+            finite=lambda state: parallel.all_finite(state.params),
             save=save,
             evaluate=lambda state: evaluate(eval_fn, state.params, val_loader, t.eval_steps, batches),
             sample=sample,
@@ -244,14 +205,9 @@ def _train(config: Config) -> dict:
             description=f"{model.num_params():,} parameters | {jax.device_count()} x {device.platform}"
             f" ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})",
         )
-        try:
-            peak = peak_flops(device.device_kind) if gpu else None
-            return harness.train(
-                config, run, backend, state, resume_step or 0, plan, peak, jnp.dtype(dtype).name
-            )
-        finally:
-            manager.wait_until_finished()  # the last save is asynchronous
-            manager.close()
+        peak = peak_flops(device.device_kind) if gpu else None
+        with manager:  # closing waits for the last save, which is asynchronous
+            return harness.train(config, run, backend, state, resume_step or 0, plan, peak, dtype.__name__)
 
 
 def _build_model(config: Config, dtype) -> GPT:

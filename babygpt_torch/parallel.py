@@ -97,11 +97,11 @@ def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
     return DDP(model, device_ids=device_ids)
 
 
-def make_global_batch(local: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """This process's rows of the global batch, on its device: DDP needs no global tensor.
-
-    Pinned memory lets the copy to a GPU overlap the previous step.
-    """
+def make_global_batch(local, dist: Dist):
+    """This process's rows of the global batch (a tensor, or a tuple of them, as x, y), on its
+    device: DDP needs no global tensor. Pinned memory lets the copy to a GPU overlap the last step."""
+    if isinstance(local, tuple):
+        return tuple(make_global_batch(t, dist) for t in local)
     if dist.device.type == "cuda":
         return local.pin_memory().to(dist.device, non_blocking=True)
     return local
@@ -170,6 +170,11 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         tensor /= torch_dist.get_world_size()
     return tensor
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite, on every process: each checks its own (shards), then votes."""
+    return not any_process(not all(bool(torch.isfinite(p).all()) for p in model.parameters()))
 
 
 def any_process(flag: bool) -> bool:

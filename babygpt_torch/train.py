@@ -21,26 +21,12 @@ from babygpt.config import Config, compute_dtype_name
 from babygpt.data import ensure_dataset
 from babygpt.flops import peak_flops
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
+from babygpt_torch import parallel
 from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
 from babygpt_torch.data import DataLoaderLite, make_loaders
 from babygpt_torch.generate import generate
 from babygpt_torch.model import GPT, load_hf_tensors
 from babygpt_torch.optim import make_optimizer
-from babygpt_torch.parallel import (
-    Dist,
-    all_reduce_mean,
-    any_process,
-    barrier,
-    clip_grad_norm,
-    is_main_process,
-    make_global_batch,
-    make_host_copy,
-    no_sync,
-    setup_distributed,
-    shard_model,
-    shutdown,
-    wrap_model,
-)
 
 
 @dataclass
@@ -52,38 +38,47 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype):
+    """The mean loss of one micro-batch x, y (B, T), a graph that `backward()` differentiates."""
+    with _autocast(x.device, autocast_dtype):
+        _, loss = model(x, y)
+    return loss
+
+
 def train_step(state: TrainState, batch: dict, *, autocast_dtype: torch.dtype, grad_clip: float):
-    """One optimizer step over the micro-batches of `batch` (x, y: (micro_steps, B, T)).
+    """One optimizer step over the micro-batches of `batch`, x and y.
 
-    In place: the model's weights and the optimizer move on; returns the state and the step's
-    loss, grad_norm and lr.
+    In place: the model's weights and the optimizer move on; the step's loss, grad_norm and lr out.
 
-    Each micro-loss is divided by the number of micro-steps, so the summed gradient is the
-    gradient of the mean loss over the whole step, exactly as one big batch. DDP and FSDP2
-    reduce the gradients during backward; only the last micro-step's backward needs to.
+    The gradient of the mean loss over the whole step, exactly as one big batch: each
+    micro-loss is divided by the number of micro-steps, so the summed gradients are it.
+    Accumulation is a loop of `backward()` calls into the `.grad`s; DDP and FSDP2 reduce them
+    during backward, and only the last micro-step's backward needs to (`parallel.no_sync` before it).
     """
-    x, y = batch["x"], batch["y"]
+    x, y = batch  # (micro_steps, B, T) each
     micro_steps = x.shape[0]
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-    state.model.train()
-    state.optimizer.zero_grad(set_to_none=True)
+    state.model.train()  # dropout on
+    state.optimizer.zero_grad(set_to_none=True)  # the .grads the backward passes add into
     loss_sum = torch.zeros((), device=x.device)
-    for i in range(micro_steps):
-        with no_sync(state.model, sync=i == micro_steps - 1):
-            with _autocast(x.device, autocast_dtype):
-                _, loss = state.model(x[i], y[i])  # (B, T), (B, T)
-            loss = loss / micro_steps
+
+    for i in range(micro_steps):  # each micro-batch's loss, and its gradient added to the .grads
+        with parallel.no_sync(state.model, sync=i == micro_steps - 1):
+            loss = loss_fn(state.model, x[i], y[i], autocast_dtype) / micro_steps
             loss.backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm(state.model, grad_clip)  # before clipping, as JAX's global_norm
-    state.optimizer.step()
-    state.scheduler.step()
-    return state, {"loss": all_reduce_mean(loss_sum), "grad_norm": grad_norm, "lr": lr}
+
+    loss = parallel.all_reduce_mean(loss_sum)  # the mean over processes, for the log
+    grad_norm = parallel.clip_grad_norm(state.model, grad_clip)  # before clipping, as optax.global_norm
+    state.optimizer.step()  # the update, in place
+    state.scheduler.step()  # the next step's rate
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+    return state, metrics
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, val_loader: DataLoaderLite, steps: int, autocast_dtype: torch.dtype, dist: Dist
+    model: nn.Module, val_loader: DataLoaderLite, steps: int, autocast_dtype: torch.dtype, dist: parallel.Dist
 ):
     """Mean loss over the first `steps` validation micro-batches (the same ones every time)."""
     model.eval()
@@ -92,13 +87,13 @@ def evaluate(
     for _ in range(steps):
         x, y = val_loader.next_batch()
         with _autocast(dist.device, autocast_dtype):
-            _, loss = model(make_global_batch(x, dist)[0], make_global_batch(y, dist)[0])
+            _, loss = model(*(t[0] for t in parallel.make_global_batch((x, y), dist)))
         total += loss.float()
     model.train()
-    return all_reduce_mean(total / max(steps, 1)).item()
+    return parallel.all_reduce_mean(total / max(steps, 1)).item()
 
 
-def init_state(model: GPT, config: Config, dist: Dist) -> TrainState:
+def init_state(model: GPT, config: Config, dist: parallel.Dist) -> TrainState:
     """The model placed on this process's device (sharded under FSDP2), its optimizer and scheduler.
 
     bfloat16 under FSDP2 comes from the same autocast as under DDP, not from a
@@ -109,40 +104,32 @@ def init_state(model: GPT, config: Config, dist: Dist) -> TrainState:
     t = config.train
     model.to(dist.device)
     if t.fsdp:  # before the optimizer, which must hold the sharded parameters
-        shard_model(model, dist)
+        parallel.shard_model(model, dist)
     optimizer, scheduler = make_optimizer(model, t, dist.device.type)
     step_model = torch.compile(model) if t.compile else model
-    return TrainState(step_model if t.fsdp else wrap_model(step_model, dist), optimizer, scheduler)
+    return TrainState(step_model if t.fsdp else parallel.wrap_model(step_model, dist), optimizer, scheduler)
 
 
 def main(config: Config) -> dict:
     """Train as `config` says, resuming if asked; return a summary of the run."""
-    dist = setup_distributed(config.train.fsdp)
-    try:
-        summary = _train(config, dist)
-    except harness.Stopped:
-        shutdown()  # every process stopped at the same step: as clean as a finished run
-        raise
-    # No teardown after a failure: NCCL's waits for every peer, and a failed peer never comes.
-    # The process exits and the operating system releases the group.
-    shutdown()
-    return summary
+    dist = parallel.setup_distributed(config.train.fsdp)
+    return harness.run(config, functools.partial(_train, dist=dist), parallel.shutdown)
 
 
-def _train(config: Config, dist: Dist) -> dict:
+def _train(config: Config, dist: parallel.Dist) -> dict:
     t = config.train
-    processes = harness.Processes(is_main_process(), any_process, barrier)
+    processes = harness.Processes(parallel.is_main_process(), parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
         if processes.is_main:  # shakespeare prepares itself once, on rank 0
             ensure_dataset(config)
-        barrier("dataset")
+        parallel.barrier("dataset")
         ensure_dataset(config)
         plan = plan_batch(config, dist.world_size)
         autocast_dtype = getattr(torch, compute_dtype_name(t.dtype, dist.device.type))
         torch.manual_seed(t.seed)  # every rank builds the same initial model
         model = _build_model(config)
-        host_copy = make_host_copy(model, dist, t.fsdp)  # before FSDP2 shards it
+        host_copy = parallel.make_host_copy(model, dist, t.fsdp)  # before FSDP2 shards it
         state = init_state(model, config, dist)
         train_loader, val_loader = make_loaders(config, plan, dist.rank)
         if resume_step is not None:
@@ -151,10 +138,6 @@ def _train(config: Config, dist: Dist) -> dict:
             train_loader.load_state_dict(restored["loader"])
         run.begin(resume_step or 0)  # every check passed: only now is the run directory written
         step_fn = functools.partial(train_step, autocast_dtype=autocast_dtype, grad_clip=t.grad_clip)
-
-        def next_batch() -> dict:
-            x, y = train_loader.next_batch()  # (micro_steps, B, T)
-            return {"x": make_global_batch(x, dist), "y": make_global_batch(y, dist)}
 
         def save(state: TrainState, step: int) -> None:
             loader_state = train_loader.state_dict()
@@ -179,9 +162,9 @@ def _train(config: Config, dist: Dist) -> dict:
         backend = harness.Backend(
             name="torch",
             step=step_fn,
-            next_batch=next_batch,
+            next_batch=lambda: parallel.make_global_batch(train_loader.next_batch(), dist),
             to_host=lambda metrics: {k: float(v) for k, v in metrics.items()},
-            finite=lambda state: all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+            finite=lambda state: parallel.all_finite(model),
             save=save,
             evaluate=lambda state: evaluate(state.model, val_loader, t.eval_steps, autocast_dtype, dist),
             sample=sample,
