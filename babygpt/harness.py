@@ -34,9 +34,13 @@ logger = logging.getLogger(__name__)
 class Processes:
     """How the processes of one run agree: process 0 writes, every process votes and waits."""
 
-    is_main: bool = True
+    index: int = 0  # this process's rank; process 0 is the main one
     any_process: Callable[[bool], bool] = bool  # True on every process if True on any
     barrier: Callable[[str], None] = lambda name: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
 
 
 class RunDir:
@@ -326,7 +330,7 @@ def _loop(config: Config, run: RunDir, backend: Backend, state: Any, start_step:
             since = f"from step {latest}" if latest else "from the start (no checkpoint yet)"
             reason = (str(e).strip().splitlines() or [""])[0]
             logger.error(
-                f"{backend.name} failed in step {step + 1} ({type(e).__name__}: {reason});"
+                f"process {processes.index} failed in step {step + 1} ({type(e).__name__}: {reason});"
                 f" run the same command with --resume to continue {since}"
             )
             raise

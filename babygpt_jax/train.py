@@ -153,7 +153,7 @@ def main(config: Config) -> dict:
 
 def _train(config: Config) -> dict:
     t = config.train
-    processes = harness.Processes(parallel.is_main_process(), parallel.any_process, parallel.barrier)
+    processes = harness.Processes(jax.process_index(), parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
         if processes.is_main:  # shakespeare prepares itself once, on process 0

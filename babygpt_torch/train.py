@@ -118,7 +118,7 @@ def main(config: Config) -> dict:
 
 def _train(config: Config, dist: parallel.Dist) -> dict:
     t = config.train
-    processes = harness.Processes(parallel.is_main_process(), parallel.any_process, parallel.barrier)
+    processes = harness.Processes(dist.rank, parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
         if processes.is_main:  # shakespeare prepares itself once, on rank 0

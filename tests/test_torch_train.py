@@ -21,10 +21,10 @@ from babygpt.data import shard_path, write_shard
 from babygpt.run import generate_sample, plan_batch
 from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
 from babygpt_torch.data import make_loaders
+from babygpt_torch.generate import generate
 from babygpt_torch.model import GPT
 from babygpt_torch.optim import lr_schedule, make_optimizer, weight_decay_mask
 from babygpt_torch.parallel import Dist
-from babygpt_torch.generate import generate
 from babygpt_torch.train import TrainState, evaluate, main, train_step
 
 ROOT = Path(__file__).parent.parent
