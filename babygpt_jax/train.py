@@ -134,11 +134,10 @@ def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, 
     shardings that `make_train_step` fixes.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_sharding = parallel.param_shardings(mesh, params, fsdp)
+    params, param_sharding = parallel.shard_model(params, mesh, fsdp)
     opt_sharding = parallel.param_shardings(mesh, jax.eval_shape(optimizer.init, params), fsdp)
     replicated = parallel.replicated(mesh)
     sharding = TrainState(param_sharding, opt_sharding, rng=replicated, step=replicated)
-    params = parallel.put_global(params, param_sharding)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
     rng, step = parallel.put_global((jax.random.PRNGKey(seed), np.int32(0)), (replicated, replicated))
     rest = parallel.put_global(rest, jax.tree.map(lambda _: replicated, rest))

@@ -43,31 +43,45 @@ class Dist:
 
 
 def setup_distributed(fsdp: bool = False) -> Dist:
-    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone,
-    and set up this process's device.
+    """Join the process group `torchrun` describes, or run alone; then set up this process.
 
-    FSDP2 shards over a process group even when there is one process, so `fsdp` asks for a group
-    of one where DDP needs none.
+    `RANK`, `LOCAL_RANK` and `WORLD_SIZE` describe the run (torchrun sets them); FSDP2 shards over
+    a process group even when there is one process, so `fsdp` asks for a group of one where DDP
+    needs none. A GPU gets TF32 for any matmul left in float32; a CPU, glibc settings that keep
+    large freed blocks for reuse (`_reuse_freed_cpu_memory`). Must run before anything touches a device.
     """
-    rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before init: NCCL binds each process to its own GPU
-        torch.set_float32_matmul_precision("high")  # TF32 for any matmul left in float32
-    else:
-        device = torch.device("cpu")
-        _reuse_freed_cpu_memory()
+    cuda = torch.cuda.is_available()
+    if cuda:  # before init: NCCL binds each process to its own GPU
+        torch.cuda.set_device(local_rank)
     if (world_size > 1 or fsdp) and not torch_dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         # A lone process started without torchrun has no rendezvous address: an in-memory store.
-        alone = world_size == 1 and "MASTER_ADDR" not in os.environ
-        store = torch_dist.HashStore() if alone else None
-        torch_dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT
-        )
+        store = torch_dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
+        group = dict(rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT)
+        torch_dist.init_process_group("nccl" if cuda else "gloo", **group)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:  # TF32 for any matmul left in float32
+        torch.set_float32_matmul_precision("high")
+    else:
+        _reuse_freed_cpu_memory()
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _reuse_freed_cpu_memory() -> None:
+    """Keep glibc from handing large freed blocks back to the operating system between steps.
+
+    The logits and their gradients (100 MB at the default config) are above glibc's mmap threshold:
+    each was mmapped, unmapped when freed and page-faulted in again at the next step, half the CPU
+    step time in the kernel. JAX's CPU runtime has its own allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
 def is_main_process() -> bool:
@@ -78,9 +92,8 @@ def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
     """FSDP2, in place: every parameter becomes a DTensor holding this process's rows of it.
 
     Each Block is its own unit, so only one Block's weights are whole at a time (gathered before
-    its forward and again before its backward); the root unit holds the embeddings, `ln_f` and the
-    `lm_head` tied to `wte`, which stays one shared parameter. Call it before building the
-    optimizer: the optimizer must see the sharded parameters, not the ones they replace.
+    its forward and its backward); the root unit holds the embeddings, `ln_f` and the `lm_head`
+    tied to `wte`. Call it before building the optimizer, which must see the sharded parameters.
     """
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     for block in model.transformer.h:
@@ -98,17 +111,18 @@ def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
 
 
 def make_global_batch(local, dist: Dist):
-    """This process's rows of the global batch (a tensor, or a tuple of them, as x, y), on its
-    device: DDP needs no global tensor. Pinned memory lets the copy to a GPU overlap the last step."""
+    """The global batch from this process's rows (a tensor, or a tuple of them such as x, y).
+
+    DDP needs no global tensor: each process keeps its own rows, on its own device.
+    """
     if isinstance(local, tuple):
         return tuple(make_global_batch(t, dist) for t in local)
-    if dist.device.type == "cuda":
-        return local.pin_memory().to(dist.device, non_blocking=True)
-    return local
+    # Pinned memory lets the copy to a GPU overlap the previous step.
+    return local.pin_memory().to(dist.device, non_blocking=True) if dist.device.type == "cuda" else local
 
 
 def make_host_copy(model: nn.Module, dist: Dist, fsdp: bool) -> Callable[[], nn.Module | None]:
-    """A function returning the whole model on rank 0 (None elsewhere), for the export and the sample.
+    """A function returning the whole model on rank 0 (None elsewhere), for export and sampling.
 
     Without FSDP that is the model itself. Under FSDP no process holds the whole model: rank 0
     keeps a plain copy on the CPU (taken now, before sharding) that each call refreshes from the
@@ -128,11 +142,8 @@ def make_host_copy(model: nn.Module, dist: Dist, fsdp: bool) -> Callable[[], nn.
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient collective of a micro-step whose gradients only accumulate (`sync` False).
-
-    DDP's all-reduce or FSDP2's reduce-scatter then runs once, in the last micro-step's backward.
-    A single process has nothing to skip.
-    """
+    """Skip the gradient collective of a micro-step whose gradients only accumulate (`sync` False):
+    DDP's all-reduce or FSDP2's reduce-scatter runs once, in the last micro-step's backward."""
     if sync or not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return contextlib.nullcontext()
     if isinstance(model, DDP):
@@ -181,19 +192,15 @@ def any_process(flag: bool) -> bool:
     """True on every process if it is True on any: how the processes agree to stop at the same step."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return flag
-    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    votes = torch.tensor([int(flag)], device=device)
+    votes = torch.tensor([int(flag)], device="cuda" if torch_dist.get_backend() == "nccl" else "cpu")
     torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
     return bool(votes.item())
 
 
 def barrier(name: str = "") -> None:
-    """Wait for every process, e.g. while rank 0 prepares the dataset the others will read.
-
-    `name` only mirrors JAX's named barrier: a process group's barriers are matched in order.
-    """
+    """Wait for every process, e.g. while rank 0 prepares the dataset the others will read."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.barrier()
+        torch_dist.barrier()  # `name` mirrors JAX's: a process group matches barriers by order
 
 
 def shutdown() -> None:
@@ -205,19 +212,3 @@ def shutdown() -> None:
     if torch_dist.is_initialized():
         barrier("shutdown")
         torch_dist.destroy_process_group()
-
-
-def _reuse_freed_cpu_memory() -> None:
-    """Keep glibc from handing large freed blocks back to the operating system between steps.
-
-    The logits and their gradients (B*T x 50,304 floats: 100 MB at the default config) are above
-    glibc's mmap threshold, so each is mmapped, unmapped when freed, and page-faulted (zeroed) in
-    again at the next step: half the CPU step time went to the kernel. Raising both thresholds
-    keeps such blocks in the heap for reuse. JAX's CPU runtime has its own allocator.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
