@@ -1,11 +1,13 @@
 """Checkpoints in JAX: orbax's `CheckpointManager`, asynchronous, restoring onto the current mesh.
 
 The mirror of `babygpt_torch/checkpoint.py`, which writes one `torch.save` file per step. Here a
-checkpoint is a directory `checkpoints/<step>/` that orbax writes in the background (the devices
-keep training) and commits atomically; every process takes part, each writing its own shards.
-It holds what a resumed run needs to continue exactly: parameters, optimizer state, the RNG key
-(arrays), and the step, loader position and model shape (JSON). `export_hf` writes the weights
-in the Hugging Face layout that both backends (and `transformers`) load.
+checkpoint is a directory `checkpoints/<step>/` that orbax commits atomically. It holds what a
+resumed run needs to continue exactly: parameters, optimizer state and RNG key (arrays), the step,
+loader position and model shape (JSON). `export_hf` writes the weights in the Hugging Face layout.
+
+Orbax writes in the background (the devices keep training), and every process takes part, each
+writing its own shards: the directory is the same whatever mesh wrote it, and any mesh restores
+it, whole or sharded.
 """
 
 from __future__ import annotations
@@ -36,22 +38,16 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
 
     Call `wait_until_finished()` (or `close()`) before the process exits, or the last save is lost.
     """
-    with _quiet_orbax():
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(keep, 1),
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=True,
-        )
+    settings = dict(max_to_keep=max(keep, 1), create=not read_only, read_only=read_only)
+    with _quiet_orbax():  # a read-only manager warns of each setting it ignores
+        options = ocp.CheckpointManagerOptions(**settings, enable_async_checkpointing=True)
         return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
 
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
-    """Orbax narrates a read-only manager's settings and every failed read as absl warnings: a
-    corrupt checkpoint should be our one line, not that line after a screenful of theirs."""
-    absl = logging.getLogger("absl")
-    level = absl.level
+    """Orbax's absl warnings silenced: a corrupt checkpoint is our one line, not a screenful first."""
+    absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
     absl.setLevel(logging.ERROR)
     try:
         yield
@@ -68,15 +64,22 @@ def save_checkpoint(
     rng: jax.Array,
     model_config: ModelConfig,
 ) -> None:
-    """Start saving checkpoints/<step>/ in the background; returns once the arrays are copied off
-    the devices, so the next (donating) train step may overwrite them."""
+    """Start saving checkpoints/<step>/ in the background; the manager keeps the newest `keep`.
+
+    Every process calls it, each writing its own shards. It returns once the arrays are copied off
+    the devices, so that the next (donating) train step may overwrite them.
+    """
     state = {"params": params, "opt_state": opt_state, "rng": rng}
     meta = {"step": step, "loader": dict(loader_state), "model_config": dataclasses.asdict(model_config)}
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    try:
+        with _quiet_orbax():
+            manager.save(step, args=args, force=True)
+    except OSError as e:  # a full disk or a read-only directory, met before the background part
+        where = f"{manager.directory}/{step}"
+        raise BabyGPTError(
+            f"cannot write {where} ({e.strerror}); free space or choose another run.out_dir"
+        ) from None
 
 
 def latest_step(run_dir: str | Path) -> int | None:
@@ -88,13 +91,16 @@ def latest_step(run_dir: str | Path) -> int | None:
 
 
 def restore_checkpoint(
-    run_dir: str | Path, params, opt_state, rng: jax.Array, model_config: ModelConfig
+    run_dir: str | Path,
+    params,
+    opt_state,
+    rng: jax.Array,
+    model_config: ModelConfig,
 ) -> dict:
     """Read the latest checkpoint onto the shardings of `params`, `opt_state` and `rng`.
 
-    The three arguments are only the target: their shapes, dtypes and shardings (those of the
-    current mesh, whatever mesh wrote the checkpoint). Returns {"step", "loader", "params",
-    "opt_state", "rng"}. Any unreadable or mismatched checkpoint is one `BabyGPTError`.
+    Returns {"step", "loader", "params", "opt_state", "rng"}: the three arguments are only the target
+    (shapes, dtypes, this mesh's shardings). Any unreadable or mismatched checkpoint is one `BabyGPTError`.
     """
     step = latest_step(run_dir)
     if step is None:
