@@ -136,16 +136,21 @@ class RunDir:
         """Every check passed: clean up after a killed save, cut the log back, save the config."""
         if not self.processes.is_main:
             return
-        self.path.mkdir(exist_ok=True)
-        for leftover in _leftovers(self.path):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-        _truncate_metrics(self.path / "metrics.jsonl", start_step)
-        run = dataclasses.replace(self.config.run, resume=False)  # the run, not the command line
-        with atomic_open(self.path / "config.toml") as f:
-            f.write(dump_toml(dataclasses.replace(self.config, run=run)).encode())
+        try:
+            self.path.mkdir(exist_ok=True)
+            for leftover in _leftovers(self.path):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            _truncate_metrics(self.path / "metrics.jsonl", start_step)
+            run = dataclasses.replace(self.config.run, resume=False)  # the run, not the command line
+            with atomic_open(self.path / "config.toml") as f:
+                f.write(dump_toml(dataclasses.replace(self.config, run=run)).encode())
+        except OSError as e:  # a read-only or full run directory
+            raise BabyGPTError(
+                f"cannot write into {self.path} ({e.strerror}); choose another run.out_dir"
+            ) from None
 
     def close(self) -> None:
         if self._lock_fd is not None:
