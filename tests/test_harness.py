@@ -24,27 +24,18 @@ OTHER = {"jax": "torch", "torch": "jax"}
 HANG_GUARD = 240  # seconds; a real hang fails the test instead of the whole CI job
 
 
-def _overrides(data_root: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """The tiny model at a constant learning rate, far longer than any test waits: its first steps
+def _long(tiny_overrides: list[str], data_root: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """The tiny run at a constant learning rate, far longer than any test waits: its first steps
     are those of a short run with the same settings, so a short run is its reference."""
     return [
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=16",
-        "model.vocab_size=100",
+        *tiny_overrides,
         "train.max_steps=100000",
-        "train.micro_batch_size=2",
-        "train.total_batch_tokens=64",  # 2 micro-steps of 2 rows
+        "train.micro_batch_size=2",  # one micro-batch of 2 rows per device
         "train.warmup_steps=0",
-        "train.max_lr=1e-2",
         "train.min_lr=1e-2",
         "train.eval_interval=100000",
         "train.eval_steps=1",
         "train.checkpoint_interval=100000",
-        "train.log_interval=1",
-        "train.sample_tokens=0",
-        "data.dataset=tiny",
         f"data.data_dir={data_root}",
         f"run.out_dir={out}",
         f"run.name={name}",
@@ -53,7 +44,7 @@ def _overrides(data_root: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of tests/conftest.py
 
 
 def _train(backend: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -108,10 +99,10 @@ def _latest(backend: str, run_dir: Path) -> int | None:
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_run_directory_lifecycle(backend, tmp_path, tiny_dataset):
+def test_run_directory_lifecycle(backend, tmp_path, tiny_dataset, tiny_overrides):
     out = tmp_path / "out"
     run_dir = out / "life"
-    args = _overrides(tiny_dataset, out, "life")
+    args = _long(tiny_overrides, tiny_dataset, out, "life")
 
     # A run, and while it trains a second process on the same directory: refused, naming the holder.
     log = tmp_path / "first.log"
@@ -148,7 +139,7 @@ def test_run_directory_lifecycle(backend, tmp_path, tiny_dataset):
     resumed = _train(backend, ["--resume", *args, *short])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not any(path.exists() for path in leftovers)
-    reference = _train(backend, [*_overrides(tiny_dataset, out, "reference"), *short])
+    reference = _train(backend, [*_long(tiny_overrides, tiny_dataset, out, "reference"), *short])
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert _losses(run_dir) == _losses(out / "reference")
     assert [s for s, _ in _losses(run_dir)] == list(range(1, stopped + 3))
@@ -177,10 +168,14 @@ def test_run_directory_lifecycle(backend, tmp_path, tiny_dataset):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_divergence_keeps_no_checkpoint_and_the_next_run_starts_over(backend, tmp_path, tiny_dataset):
+def test_divergence_keeps_no_checkpoint_and_the_next_run_starts_over(
+    backend, tmp_path, tiny_dataset, tiny_overrides
+):
     out = tmp_path / "out"
     run_dir = out / "diverged"
-    args = _overrides(tiny_dataset, out, "diverged", "train.max_steps=4", "train.checkpoint_interval=2")
+    args = _long(
+        tiny_overrides, tiny_dataset, out, "diverged", "train.max_steps=4", "train.checkpoint_interval=2"
+    )
     done = _train(backend, [*args, "train.max_lr=inf"])
     assert done.returncode == 2 and ("non-finite" in done.stderr or "became" in done.stderr), done.stderr[
         -3000:

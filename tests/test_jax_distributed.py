@@ -215,8 +215,8 @@ def test_process_0_alone_logs_and_writes_the_run(two_processes):
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # once each: one writer
     assert [r["step"] for r in lines if "val_loss" in r] == [2, 4]
     assert latest_step(run_dir) == 4
-    header = f"4 x cpu (2 processes, {'fsdp' if fsdp else 'data parallel'})"
-    assert header in first.output() and "step      4 | loss" in first.output()
+    header = f"4 x cpu (2 processes) | {'fsdp' if fsdp else 'data parallel'}"
+    assert header in first.output() and "step      4/4 | loss" in first.output()
     assert "ROMEO:" in first.output()  # the sample (configs/shakespeare.toml's prompt)
     quiet = second.output()
     assert "process 1 of 2" in quiet  # it did join, and says so

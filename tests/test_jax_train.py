@@ -159,39 +159,25 @@ def test_grain_loader_reads_token_windows_order_and_resumes(tiny_config):
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of tests/conftest.py
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
 
-def _overrides(tmp: Path, data_root: Path) -> list[str]:
+def _overrides(tiny_overrides: list[str], tmp: Path, data_root: Path) -> list[str]:
     return [
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=16",
-        "model.vocab_size=100",
+        *tiny_overrides,
         "model.dropout=0.1",  # exercises the dropout keys that a resume must restore
-        "train.max_steps=6",
         "train.micro_batch_size=1",
         "train.total_batch_tokens=256",  # 2 micro-steps of 8 devices x 1 row x 16 tokens
-        "train.warmup_steps=2",
-        "train.max_lr=1e-2",
-        "train.eval_interval=3",
-        "train.eval_steps=2",
-        "train.checkpoint_interval=3",
-        "train.log_interval=1",
-        "train.sample_tokens=0",
-        "data.dataset=tiny",
         f"data.data_dir={data_root}",
         f"run.out_dir={tmp / 'out'}",
-        "run.name=tiny",
     ]
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, tiny_overrides):
     """One real `python train.py --backend=jax` run on a tiny random dataset, 6 steps."""
     tmp = tmp_path_factory.mktemp("cli")
     rng = np.random.default_rng(0)
@@ -201,7 +187,7 @@ def cli_run(tmp_path_factory):
     write_shard(shard_path(data, "train", 0), rng.integers(0, 100, 3000))
     write_shard(shard_path(data, "val", 0), rng.integers(0, 100, 1000))
     write_meta(data, source="random", train_tokens=3000, val_tokens=1000)
-    overrides = _overrides(tmp, tmp / "data")
+    overrides = _overrides(tiny_overrides, tmp, tmp / "data")
     result = _cli(["--backend=jax", *overrides], cwd=ROOT)
     return tmp, overrides, result
 

@@ -28,25 +28,6 @@ from babygpt_torch.parallel import Dist
 from babygpt_torch.train import TrainState, evaluate, main, train_step
 
 ROOT = Path(__file__).parent.parent
-# tests/conftest.py's tiny_config, for the module-scoped CLI run
-TINY_OVERRIDES = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "model.vocab_size=100",
-    "train.max_steps=6",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=2",
-    "train.max_lr=1e-2",
-    "train.eval_interval=3",
-    "train.eval_steps=2",
-    "train.checkpoint_interval=3",
-    "train.log_interval=1",
-    "train.sample_tokens=0",
-    "data.dataset=tiny",
-    "run.name=tiny",
-]
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -330,14 +311,14 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_config):
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, tiny_overrides):
     """`python train.py --backend=torch` on the tiny config, run once as a user would."""
     tmp_path = tmp_path_factory.mktemp("cli")
     rng = np.random.default_rng(0)
     write_shard(shard_path(tmp_path / "data" / "tiny", "train", 0), rng.integers(0, 100, 3000))
     write_shard(shard_path(tmp_path / "data" / "tiny", "val", 0), rng.integers(0, 100, 1000))
     config = load_config(
-        None, [*TINY_OVERRIDES, f"data.data_dir={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'out'}"]
+        None, [*tiny_overrides, f"data.data_dir={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'out'}"]
     )
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(dump_toml(config))
