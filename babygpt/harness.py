@@ -69,11 +69,11 @@ class RunDir:
             resume_step = self._check()
         except BabyGPTError as e:
             error, resume_step = e, None
-        if self.processes.any_process(error is not None):  # every process leaves, one says why
+        if self.processes.any_process(error is not None):  # every process leaves, process 0 says why
             self.close()
-            if error is None:
-                raise SystemExit(2)  # process 0 names the problem
-            raise error
+            if not self.processes.is_main:
+                raise SystemExit(2)
+            raise error or BabyGPTError(f"another process of this run cannot use {self.path}; see its output")
         return resume_step
 
     def _lock(self) -> None:

@@ -88,7 +88,7 @@ def bench_train_torch(args) -> Row:
     # One optimizer step of one micro-batch, on fixed random tokens: speed does not depend on them.
     x = torch.randint(0, config.model.vocab_size, (1, B, T), device=dist.device)
     y = torch.randint(0, config.model.vocab_size, (1, B, T), device=dist.device)
-    batch = {"x": x, "y": y}
+    batch = (x, y)
     dtype = torch.bfloat16 if cuda and args.dtype == "bfloat16" else torch.float32
 
     def step():
@@ -141,7 +141,7 @@ def bench_train_jax(args) -> Row:
     # One optimizer step of one micro-batch, on fixed random tokens: speed does not depend on them.
     x = make_global_batch(rng.integers(0, config.model.vocab_size, (1, B, T), dtype=np.int32), batches)
     y = make_global_batch(rng.integers(0, config.model.vocab_size, (1, B, T), dtype=np.int32), batches)
-    batch = {"x": x, "y": y}
+    batch = (x, y)
     states = [state]  # the step donates the state: each call takes the last one's result
 
     def step():

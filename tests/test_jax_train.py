@@ -45,9 +45,8 @@ def _steps(mesh: Mesh, fsdp: bool = False):
     return step, state
 
 
-def _batch(x: np.ndarray, y: np.ndarray, mesh: Mesh) -> dict:
-    sharding = batch_sharding(mesh)
-    return {"x": make_global_batch(x, sharding), "y": make_global_batch(y, sharding)}
+def _batch(x: np.ndarray, y: np.ndarray, mesh: Mesh) -> tuple:
+    return make_global_batch((x, y), batch_sharding(mesh))
 
 
 def _run(step, state, batches, mesh):

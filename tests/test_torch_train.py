@@ -117,7 +117,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
         x, y = loader.next_batch()
         _, metrics = train_step(
             TrainState(model, optimizer, scheduler),
-            {"x": x, "y": y},
+            (x, y),
             autocast_dtype=torch.float32,
             grad_clip=0.0,
         )
@@ -146,7 +146,7 @@ def test_clipping_reports_the_norm_before_clipping(tiny_config):
         x, y = loader.next_batch()
         _, metrics = train_step(
             TrainState(model, optimizer, scheduler),
-            {"x": x, "y": y},
+            (x, y),
             autocast_dtype=torch.float32,
             grad_clip=clip,
         )
