@@ -131,7 +131,9 @@ def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, 
     """The functional split of `model` and a fresh `TrainState`, placed on `mesh`.
 
     Returns graphdef (static structure), rest (the RNG streams), the state, and the state's
-    shardings that `make_train_step` fixes.
+    shardings that `make_train_step` fixes. The optimizer state is laid out like the parameters
+    (replicated, or split under FSDP): sharding the parameters alone would save little memory, as
+    AdamW's two moments are twice their size.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, param_sharding = parallel.shard_model(params, mesh, fsdp)

@@ -36,6 +36,7 @@ class TrainState:
     model: nn.Module  # as the step calls it: compiled, DDP-wrapped or FSDP2-sharded
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    # No key and no step: torch's RNG is global state, and the scheduler counts the steps.
 
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype):
@@ -77,9 +78,7 @@ def train_step(state: TrainState, batch: dict, *, autocast_dtype: torch.dtype, g
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, val_loader: DataLoaderLite, steps: int, autocast_dtype: torch.dtype, dist: parallel.Dist
-):
+def evaluate(model: nn.Module, val_loader: DataLoaderLite, steps: int, autocast_dtype, dist) -> float:
     """Mean loss over the first `steps` validation micro-batches (the same ones every time)."""
     model.eval()
     val_loader.reset()
