@@ -1,7 +1,8 @@
-"""What a training run is, apart from the framework: its directory, its batch plan, its log, its stop.
+"""What a training run is, apart from the framework: its batch plan, its log, its stop, its sample.
 
-Both backends' `train.py` use these, so a run directory, a `metrics.jsonl` line and a progress bar
-look the same whichever backend wrote them.
+The pieces `babygpt.harness` and both backends' `train.py` use, so that a `metrics.jsonl` line, a
+progress line and a stop look the same whichever backend wrote them; `read_metrics` reads what
+`MetricsLog` writes.
 """
 
 from __future__ import annotations
