@@ -109,8 +109,9 @@ class RunDir:
             made_by = _saved_backend(saved)
             if made_by != self.config.run.backend and self.config.run.resume:
                 raise BabyGPTError(
-                    f"{self.path} was trained by the {made_by} backend; resume it with --backend={made_by},"
-                    f" or convert it first: python -m parity.convert {self.path} out/{name}-{self.config.run.backend}"
+                    f"{self.path} was trained by the {made_by} backend; resume it with --backend={made_by}, or start"
+                    f" a {self.config.run.backend} run from its weights: python -m parity.convert {self.path}"
+                    f" {self.path}-hf, then train.init_from={self.path}-hf run.name={name}-{self.config.run.backend}"
                 )
         elif others:
             raise BabyGPTError(
