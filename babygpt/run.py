@@ -1,7 +1,8 @@
-"""What a training run is, apart from the framework: its directory, its batch plan, its log, its stop.
+"""What a training run is, apart from the framework: its batch plan, its log, its stop, its sample.
 
-Both backends' `train.py` use these, so a run directory, a `metrics.jsonl` line and a progress bar
-look the same whichever backend wrote them.
+The pieces `babygpt.harness` and both backends' `train.py` use, so that a `metrics.jsonl` line, a
+progress line and a stop look the same whichever backend wrote them; `read_metrics` reads what
+`MetricsLog` writes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from babygpt.config import BabyGPTError, Config, dump_toml, load_config
+from babygpt.config import BabyGPTError, Config, load_config
 from babygpt.flops import mfu
+from babygpt.hf import read_hf_dir, shape_mismatches
+from babygpt.tokenizer import encode_prompt, get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,24 +56,6 @@ def plan_batch(config: Config, devices: int) -> BatchPlan:
     return BatchPlan(t.micro_batch_size, devices, T, t.total_batch_tokens // per_micro_step)
 
 
-def prepare_run_dir(config: Config, is_main: bool = True) -> Path:
-    """Create out/<name>/ with the resolved config; never silently reuse a finished run."""
-    run_dir = config.run_dir
-    saved = run_dir / "config.toml"
-    if config.run.resume:
-        if not saved.exists():
-            raise BabyGPTError(f"nothing to resume in {run_dir}; drop --resume to start a new run")
-    elif saved.exists():
-        raise BabyGPTError(
-            f"{run_dir} already holds a run; pass --resume to continue it,"
-            f" or run.name=<new name> to start another"
-        )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(dump_toml(config))
-    return run_dir
-
-
 def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.toml"
     if not path.exists():
@@ -84,6 +70,8 @@ class MetricsLog:
         self.enabled = enabled
         self.config = config
         self.path = run_dir / "metrics.jsonl"
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.perf_counter()
         self.bar = None
         if enabled:
             self.bar = tqdm(
@@ -109,8 +97,9 @@ class MetricsLog:
             if not self.bar.disable:
                 self.bar.set_postfix_str(format_metrics(metrics), refresh=False)
             self.bar.update(n_steps)
-            if self.bar.disable:
-                self.info(f"step {step:>6} | {format_metrics(metrics)}")
+            if self.bar.disable:  # a log file: the line says what the bar would show
+                progress = _elapsed_and_eta(self.started, step - self.start_step, self.total_steps - step)
+                self.info(f"step {step:>6}/{self.total_steps} | {format_metrics(metrics)} | {progress}")
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -119,6 +108,31 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def read_metrics(run_dir: str | Path) -> tuple[dict[int, float], dict[int, float]]:
+    """{step: train loss} and {step: val loss} from a run's metrics.jsonl, as `MetricsLog` wrote it."""
+    train, val = {}, {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train[record["step"]] = record["loss"]
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+    return train, val
+
+
+def _elapsed_and_eta(started: float, steps_done: int, steps_left: int) -> str:
+    """`12s elapsed, ETA 1m05s`, for progress lines in a log file where no bar shows the time."""
+    elapsed = time.perf_counter() - started
+    eta = f", ETA {_duration(elapsed / steps_done * steps_left)}" if steps_done > 0 else ""
+    return f"{_duration(elapsed)} elapsed{eta}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def format_metrics(metrics: dict) -> str:
@@ -171,31 +185,70 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGTERM as a request to stop at the next step boundary, rather than to die mid-step.
+    """SIGTERM and SIGINT as requests to stop at the next step boundary, rather than to die mid-step.
 
-    torchrun forwards SIGTERM to every worker and SLURM sends it before preempting a job, so the
-    training loop polls `received` between steps: the processes agree on a step, checkpoint it and
-    exit. A second SIGTERM changes nothing, because under SLURM a worker gets one from SLURM and
-    one from torchrun. A process blocked in a collective runs the handler only once the collective
-    returns, so SIGTERM alone no longer ends it; what does is the collective failing (a dead peer,
-    the process-group timeout) or torchrun's SIGKILL, sent when its grace period (30 s) runs out.
+    torchrun forwards SIGTERM to every worker and SLURM sends it before preempting a job; Ctrl-C
+    sends SIGINT to every process of the terminal's group. The training loop polls `received`
+    between steps: the processes agree on a step, checkpoint it and exit. A second SIGTERM changes
+    nothing, because under SLURM a worker gets one from SLURM and one from torchrun; a second
+    Ctrl-C interrupts at once, for a user who will not wait for the save. A process blocked in a
+    collective runs the handler only once the collective returns, so a signal alone no longer ends
+    it; what does is the collective failing (a dead peer, the process-group timeout) or torchrun's
+    SIGKILL, sent when its grace period (30 s) runs out.
     """
 
-    def __init__(self, signum: int = signal.SIGTERM):
-        self.signum = signum
-        self.received = False
-        self._previous = None  # the handler to put back on exit; None while none is replaced
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first stop request's signal
+        self._previous: dict = {}  # the handlers to put back on exit
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # the only thread Python signals
-            self._previous = signal.getsignal(self.signum) or signal.SIG_DFL  # None: set outside Python
-            signal.signal(self.signum, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = (
+                    signal.getsignal(signum) or signal.SIG_DFL
+                )  # None: set outside Python
+                signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+
+def pretrained_tensors(config: Config) -> dict | None:
+    """The Hugging Face tensors of `train.init_from` (None when the run starts from scratch),
+    refused in one line when their shape is not `config.model`'s."""
+    if not config.train.init_from:
+        return None
+    pretrained, tensors = read_hf_dir(config.train.init_from)
+    diffs = shape_mismatches(pretrained, config.model)
+    if diffs:
+        raise BabyGPTError(
+            f"train.init_from={config.train.init_from} has {', '.join(diffs)}; set the [model] section to match"
+        )
+    return tensors
+
+
+def generate_sample(generate: Callable, model, config: Config) -> str:
+    """A sample from the trained model: up to `train.sample_tokens` tokens after `train.sample_prompt`.
+
+    `generate` is the backend's `generate(model, prompts, new_tokens, ...)`.
+    """
+    t = config.train
+    prompt = encode_prompt(t.sample_prompt)[-config.model.block_size + 1 :]
+    new_tokens = min(t.sample_tokens, config.model.block_size - len(prompt))  # the KV cache holds one context
+    [tokens] = generate(model, [prompt], new_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    return get_tokenizer().decode(prompt + list(tokens))

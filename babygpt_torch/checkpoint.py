@@ -83,14 +83,21 @@ def save_checkpoint(
         "loader": dict(loader_state),
         "rng": rng_state,
     }
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk from its zip writer, in C++
+        reason = "No space left on device" if "No space left" in str(e) else getattr(e, "strerror", None) or e
+        raise BabyGPTError(
+            f"cannot write {path} ({reason}); free space or choose another run.out_dir"
+        ) from None
     for old in _steps(run_dir)[: -max(keep, 1)]:
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
     return path
 
 
 def latest_step(run_dir: str | Path) -> int | None:
+    """The newest committed checkpoint's step (a file is committed by its rename into place)."""
     steps = _steps(run_dir)
     return steps[-1] if steps else None
 
@@ -110,14 +117,14 @@ def restore_checkpoint(
     if step is None:
         raise BabyGPTError(f"no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start a new run")
     path = checkpoint_path(run_dir, step)
+    fix = "delete it to resume from the one before"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         keys = ("step", "model_config", "model", "optimizer", "scheduler", "loader", "rng")
         missing = [k for k in keys if k not in state]
     except Exception as e:  # a truncated or foreign file raises anything from pickle to zipfile
         raise BabyGPTError(
-            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to resume"
-            " from the one before"
+            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); {fix}"
         ) from None
     if missing:
         raise BabyGPTError(f"checkpoint {path} is not a babyGPT torch checkpoint (no {missing[0]!r})")

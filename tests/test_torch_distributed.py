@@ -203,7 +203,7 @@ def test_fsdp2_keeps_lm_head_tied_to_wte(tiny_model_config):
         assert model.lm_head.weight is model.transformer.wte.weight
         assert model.num_params() == GPT(tiny_model_config).num_params()
     finally:
-        shutdown(dist)
+        shutdown()
 
 
 def _resumable_copy(run_dir: Path, name: str, step: int) -> Path:
@@ -289,7 +289,7 @@ def test_a_killed_rank_ends_the_whole_job(base, start):
     assert job.wait() != 0
     err = job.stderr()
     assert "Signal 9 (SIGKILL) received by PID" in err  # torchrun names the rank that died
-    assert "rank 0 failed in step" in err and "--resume" in err  # the survivor says what to do
+    assert "process 0 failed in step" in err and "--resume" in err  # the survivor says what to do
 
 
 def test_a_rank_blocked_in_a_collective_still_dies_when_the_job_is_stopped(base, start):
