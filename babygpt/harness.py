@@ -302,7 +302,7 @@ def _loop(config: Config, run: RunDir, backend: Backend, state: Any, start_step:
                 if done % t.log_interval == 0 or last:
                     values = backend.to_host(metrics)  # the host waits for the devices only here
                     train_loss = values["loss"]
-                    check_finite(train_loss, done)
+                    check_finite(train_loss, done, t)
                     record = {"loss": train_loss, "lr": values["lr"], "grad_norm": values["grad_norm"]}
                     speed = clock.measure(done)
                     log.step(done, {**record, **speed}, clock.logged(done))

@@ -7,6 +7,7 @@ progress line and a stop look the same whichever backend wrote them; `read_metri
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import signal
@@ -19,9 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from babygpt.config import BabyGPTError, Config, load_config
+from babygpt.config import BabyGPTError, Config, TrainConfig, load_config
 from babygpt.flops import mfu
-from babygpt.hf import read_hf_dir, shape_mismatches
+from babygpt.hf import read_pretrained
 from babygpt.tokenizer import encode_prompt, get_tokenizer
 
 
@@ -54,6 +55,27 @@ def plan_batch(config: Config, devices: int) -> BatchPlan:
             f" try train.total_batch_tokens={max(1, round(t.total_batch_tokens / per_micro_step)) * per_micro_step}"
         )
     return BatchPlan(t.micro_batch_size, devices, T, t.total_batch_tokens // per_micro_step)
+
+
+def keep_freed_host_memory(one_arena: bool) -> None:
+    """Keep glibc from handing large freed blocks back to the operating system between CPU steps.
+
+    The logits and their gradients (B*T x 50,304 floats: 100 MB at the default config) are above
+    glibc's mmap threshold, so each was mmapped, unmapped when freed and page-faulted (zeroed) in
+    again at the next step: a third to a half of the CPU time went to the kernel. Raising the
+    thresholds keeps such blocks in the heap for reuse. XLA's CPU runtime allocates on its worker
+    threads, and glibc gives each thread an arena of its own whose heap holds at most 64 MiB, so
+    there a 100 MB block is mmapped whatever the threshold: `one_arena` makes every thread share
+    the main heap (measured in docs/benchmarks.md). Call it before any other thread allocates.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    if one_arena:
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -168,11 +190,12 @@ class Throughput:
         return {"tokens_per_s": tps, "mfu": m, "step_ms": 1000 * dt / n_steps}
 
 
-def check_finite(loss: float, step: int) -> None:
+def check_finite(loss: float, step: int, train: TrainConfig) -> None:
     if not math.isfinite(loss):
+        clip = "" if 0 < train.grad_clip <= 1.0 else " or clip the gradients with train.grad_clip=1.0"
         raise BabyGPTError(
-            f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept"
-            " (try a lower train.max_lr or train.grad_clip=1.0)"
+            f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept;"
+            f" try a lower learning rate, e.g. train.max_lr={train.max_lr / 3:.2g}{clip}"
         )
 
 
@@ -233,13 +256,7 @@ def pretrained_tensors(config: Config) -> dict | None:
     refused in one line when their shape is not `config.model`'s."""
     if not config.train.init_from:
         return None
-    pretrained, tensors = read_hf_dir(config.train.init_from)
-    diffs = shape_mismatches(pretrained, config.model)
-    if diffs:
-        raise BabyGPTError(
-            f"train.init_from={config.train.init_from} has {', '.join(diffs)}; set the [model] section to match"
-        )
-    return tensors
+    return read_pretrained(config.train.init_from, config.model)
 
 
 def generate_sample(generate: Callable, model, config: Config) -> str:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from babygpt.cli import run_cli
-from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig
+from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig, require_positive
 from babygpt.flops import flops_per_token, peak_flops
 from babygpt_bench.profile import format_summary, profile_jax, profile_torch
 
@@ -54,7 +54,7 @@ def _stats(times: list[float]) -> tuple[float, float, float]:
 
 
 def _config(args) -> Config:
-    model = ModelConfig.preset(args.preset, block_size=max(args.seq, 1))
+    model = ModelConfig.preset(args.preset, block_size=args.seq)
     train = TrainConfig(
         max_steps=10_000,
         micro_batch_size=args.batch_list[0],
@@ -81,8 +81,7 @@ def bench_train_torch(args) -> Row:
     dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
     cuda = dist.device.type == "cuda"
     torch.manual_seed(0)
-    model = GPT(config.model)
-    model.remat = args.remat
+    model = GPT(config.model, remat=args.remat)
     state = init_state(model, config, dist)  # placed, sharded and compiled as train.py does
     B, T = args.batch_list[0], args.seq
     # One optimizer step of one micro-batch, on fixed random tokens: speed does not depend on them.
@@ -130,8 +129,7 @@ def bench_train_jax(args) -> Row:
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if gpu and args.dtype == "bfloat16" else jnp.float32
     mesh = make_mesh(config)
-    model = GPT(config.model, rngs=nnx.Rngs(0), dtype=dtype)
-    model.remat = args.remat
+    model = GPT(config.model, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)
     optimizer = make_optimizer(config.train)
     graphdef, rest, state, sharding = init_state(model, optimizer, mesh, args.fsdp, 0)
     step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule(config.train), mesh, sharding)
@@ -416,8 +414,14 @@ def main() -> None:
         args.batch_list = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise BabyGPTError(f"--batch {args.batch!r}: expected integers separated by commas") from None
-    if args.steps < 1 or args.profile_steps < 1:
-        raise BabyGPTError("--steps and --profile-steps must be at least 1")
+    for option, value in (
+        ("--seq", args.seq),
+        ("--steps", args.steps),
+        ("--profile-steps", args.profile_steps),
+    ):
+        require_positive(option, value)
+    for batch in args.batch_list:
+        require_positive("--batch", batch)
     if args.mode == "generate" and args.hf_cache == "dynamic":
         args.hf_cache = None  # transformers' default
     if args.child:

@@ -22,11 +22,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from babygpt.config import BabyGPTError, ModelConfig
-from babygpt.hf import export_into_run_dir
+from babygpt.hf import MODEL_FIELDS, export_into_run_dir, shape_mismatches
 from babygpt_jax.model import GPT, hf_tensors
 
 # The fields that fix the shape of the weights; dropout may change between runs.
-_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+_SHAPE_FIELDS = (*MODEL_FIELDS, "vocab_multiple")  # the stored tables are padded too
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -116,12 +116,7 @@ def restore_checkpoint(
             raise BabyGPTError(
                 f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); {fix}"
             ) from None
-        current = dataclasses.asdict(model_config)
-        diffs = [
-            f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
-            for k in _SHAPE_FIELDS
-            if saved.get(k) != current[k]
-        ]
+        diffs = shape_mismatches(saved, model_config, "the checkpoint", _SHAPE_FIELDS)
         if diffs:
             raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
         target = jax.tree.map(

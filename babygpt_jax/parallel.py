@@ -8,6 +8,7 @@ or split over the "fsdp" axis, and `jax.jit` inserts the collectives these layou
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from babygpt.config import Config
+from babygpt.run import keep_freed_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,11 @@ def setup_distributed() -> None:
     `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run
     explicitly; under SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster
     itself. `JAX_HEARTBEAT_TIMEOUT_SECONDS` and `JAX_SHUTDOWN_TIMEOUT_SECONDS` replace the two
-    timeouts above (the tests shorten them). Must run before anything touches a device.
+    timeouts above (the tests shorten them). A CPU-only process gets glibc settings that keep large
+    freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
     """
+    if _cpu_only():  # before XLA's CPU runtime starts its threads
+        keep_freed_host_memory(one_arena=True)
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     rank = int(os.environ.get("JAX_PROCESS_ID", 0))
     world_size = int(os.environ.get("JAX_NUM_PROCESSES", 1))
@@ -66,6 +71,13 @@ def setup_distributed() -> None:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def _cpu_only() -> bool:
+    """True when jax will run on the CPU: asked for, or no accelerator plugin (CUDA, ROCm, TPU) installed."""
+    if platforms := jax.config.jax_platforms:
+        return platforms.split(",")[0] == "cpu"
+    return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
 
 
 def make_mesh(config: Config) -> Mesh:

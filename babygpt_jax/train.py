@@ -213,8 +213,7 @@ def _train(config: Config) -> dict:
 
 def _build_model(config: Config, dtype) -> GPT:
     """A fresh GPT-2 from `config.model`, or the weights of `train.init_from` in that shape."""
-    model = GPT(config.model, rngs=nnx.Rngs(config.train.seed), dtype=dtype)
-    model.remat = config.train.remat
+    model = GPT(config.model, rngs=nnx.Rngs(config.train.seed), dtype=dtype, remat=config.train.remat)
     if (tensors := pretrained_tensors(config)) is not None:
         load_hf_tensors(model, tensors)
     return model

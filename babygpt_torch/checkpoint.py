@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
-from babygpt.hf import export_into_run_dir
+from babygpt.hf import MODEL_FIELDS, export_into_run_dir, shape_mismatches
 from babygpt_torch.model import hf_tensors
 from babygpt_torch.parallel import WHOLE_ON_RANK0, is_main_process
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # The fields that fix the shape of the weights; dropout may change between runs.
-_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+_SHAPE_FIELDS = (*MODEL_FIELDS, "vocab_multiple")  # the stored tables are padded too
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -128,12 +128,7 @@ def restore_checkpoint(
         ) from None
     if missing:
         raise BabyGPTError(f"checkpoint {path} is not a babyGPT torch checkpoint (no {missing[0]!r})")
-    saved, current = state["model_config"], dataclasses.asdict(model.config)
-    diffs = [
-        f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
-        for k in _SHAPE_FIELDS
-        if saved.get(k) != current[k]
-    ]
+    diffs = shape_mismatches(state["model_config"], model.config, "the checkpoint", _SHAPE_FIELDS)
     if diffs:
         raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
     options = StateDictOptions(full_state_dict=True)  # whole tensors in; each process keeps its shard

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from babygpt.run import keep_freed_host_memory
 
 # How long a collective may wait for a peer before the job fails rather than hangs. Long enough
 # for the slowest legitimate wait (rank 0 writing a large checkpoint while the others wait at the
@@ -48,7 +49,7 @@ def setup_distributed(fsdp: bool = False) -> Dist:
     `RANK`, `LOCAL_RANK` and `WORLD_SIZE` describe the run (torchrun sets them); FSDP2 shards over
     a process group even when there is one process, so `fsdp` asks for a group of one where DDP
     needs none. A GPU gets TF32 for any matmul left in float32; a CPU, glibc settings that keep
-    large freed blocks for reuse (`_reuse_freed_cpu_memory`). Must run before anything touches a device.
+    large freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     rank = int(os.environ.get("RANK", 0))
@@ -65,23 +66,8 @@ def setup_distributed(fsdp: bool = False) -> Dist:
     if cuda:  # TF32 for any matmul left in float32
         torch.set_float32_matmul_precision("high")
     else:
-        _reuse_freed_cpu_memory()
+        keep_freed_host_memory(one_arena=False)  # torch allocates its big blocks on this thread
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-
-
-def _reuse_freed_cpu_memory() -> None:
-    """Keep glibc from handing large freed blocks back to the operating system between steps.
-
-    The logits and their gradients (100 MB at the default config) are above glibc's mmap threshold:
-    each was mmapped, unmapped when freed and page-faulted in again at the next step, half the CPU
-    step time in the kernel. JAX's CPU runtime has its own allocator.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
 def is_main_process() -> bool:

@@ -178,8 +178,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
 
 def _build_model(config: Config) -> GPT:
     """A fresh GPT-2 from `config.model`, or the weights of `train.init_from` in that shape."""
-    model = GPT(config.model)
-    model.remat = config.train.remat
+    model = GPT(config.model, remat=config.train.remat)
     if (tensors := pretrained_tensors(config)) is not None:
         load_hf_tensors(model, tensors)
     return model

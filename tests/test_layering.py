@@ -11,9 +11,6 @@ from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[1] / "babygpt"
 FORBIDDEN = ("babygpt_jax", "babygpt_torch", "jax", "torch", "flax", "optax", "orbax", "grain")
-# HellaSwag's command line still loads a backend's model by name; it is moving out of the core.
-# TODO(lead): remove once babygpt/eval/hellaswag.py's CLI has moved (issue 18 item 5).
-NOT_YET = {"eval/hellaswag.py"}
 
 
 def _imported(tree: ast.AST) -> list[str]:
@@ -45,7 +42,6 @@ def test_the_core_imports_no_backend_and_no_framework():
     found = [
         f"{path.relative_to(CORE)}: {name}"
         for path in sorted(CORE.rglob("*.py"))
-        if str(path.relative_to(CORE)) not in NOT_YET
         for name in _imported(ast.parse(path.read_text()))
         if _forbidden(name)
     ]

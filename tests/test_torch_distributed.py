@@ -268,8 +268,9 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients(tiny_model_
     model = GPT(dataclasses.replace(tiny_model_config, dropout=0.1))
     idx, targets = torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16))
     loss, grads, kept = _loss_grads_and_kept(model, idx, targets)
-    model.remat = True
-    remat_loss, remat_grads, remat_kept = _loss_grads_and_kept(model, idx, targets)
+    remat = GPT(model.config, remat=True)
+    remat.load_state_dict(model.state_dict())
+    remat_loss, remat_grads, remat_kept = _loss_grads_and_kept(remat, idx, targets)
     assert remat_kept < kept  # the blocks' activations were not kept: recomputation is on
     # the same float32 operations in the same order, done twice: bit-identical
     torch.testing.assert_close(remat_loss, loss, rtol=0, atol=0)
