@@ -87,7 +87,7 @@ def evaluate(model: nn.Module, val_loader: DataLoaderLite, sequences: int, autoc
     for samples, weights in validation_batches(sequences, *rows):  # this process's rows; padding weighs 0
         x, y, w = parallel.make_global_batch((*val_loader.read(samples), torch.tensor(weights[None])), dist)
         with _autocast(dist.device, autocast_dtype):
-            logits, _ = model(x[0], y[0])  # (rows, T, V); with targets, the call training compiles
+            logits, _ = model(x[0])  # (rows, T, V)
         losses = F.cross_entropy(logits.float().transpose(1, 2), y[0], reduction="none")  # (rows, T)
         total += (losses.mean(1) * w[0]).sum()  # weight x each sequence's mean loss, summed over rows
     model.train()
