@@ -42,25 +42,26 @@ SHUTDOWN_TIMEOUT_S = 60
 def setup_distributed() -> None:
     """Join the other processes of a multi-host run, or run alone; then set up this process.
 
-    `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run
-    explicitly; under SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster
-    itself. `JAX_HEARTBEAT_TIMEOUT_SECONDS` and `JAX_SHUTDOWN_TIMEOUT_SECONDS` replace the two
-    timeouts above (the tests shorten them). A CPU-only process gets glibc settings that keep large
-    freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
+    `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run (under
+    SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster itself);
+    `JAX_HEARTBEAT_TIMEOUT_SECONDS` and `JAX_SHUTDOWN_TIMEOUT_SECONDS` replace the timeouts above.
+    A CPU gets glibc settings that keep large freed blocks for reuse (`keep_freed_host_memory`).
+    Must run before anything touches a device.
     """
-    if _cpu_only():  # before XLA's CPU runtime starts its threads
-        keep_freed_host_memory(one_arena=True)
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     rank = int(os.environ.get("JAX_PROCESS_ID", 0))
     world_size = int(os.environ.get("JAX_NUM_PROCESSES", 1))
+    cpu = _cpu_only()
+    if cpu:  # before XLA's CPU runtime starts its threads, which allocate the big blocks
+        keep_freed_host_memory(one_arena=True)
     cluster = int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
     heartbeat = int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S))
     patience = int(os.environ.get("JAX_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S))
     if (coordinator or cluster) and not jax.distributed.is_initialized():
         # Given a coordinator, the variables say who is who; in a cluster, jax asks the cluster.
         given = dict(coordinator_address=coordinator, num_processes=world_size, process_id=rank)
-        timeouts = dict(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=patience)
-        jax.distributed.initialize(**(given if coordinator else {}), **timeouts)
+        group = dict(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=patience)
+        jax.distributed.initialize(**(given if coordinator else {}), **group)
         devices = (jax.process_index(), jax.process_count(), jax.local_device_count())
         log.info("process %d of %d, %d local devices", *devices)
     # Process 0 narrates the run; the others speak only to warn.

@@ -48,25 +48,25 @@ def setup_distributed(fsdp: bool = False) -> Dist:
 
     `RANK`, `LOCAL_RANK` and `WORLD_SIZE` describe the run (torchrun sets them); FSDP2 shards over
     a process group even when there is one process, so `fsdp` asks for a group of one where DDP
-    needs none. A GPU gets TF32 for any matmul left in float32; a CPU, glibc settings that keep
-    large freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
+    needs none. A GPU gets TF32 for any matmul left in float32.
+    A CPU gets glibc settings that keep large freed blocks for reuse (`keep_freed_host_memory`).
+    Must run before anything touches a device.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    if cuda:  # before init: NCCL binds each process to its own GPU
+    cpu = not torch.cuda.is_available()
+    if cpu:  # torch allocates its big blocks on this thread
+        keep_freed_host_memory(one_arena=False)
+    else:  # before init: NCCL binds each process to its own GPU; TF32 for matmuls left in float32
         torch.cuda.set_device(local_rank)
+        torch.set_float32_matmul_precision("high")
     if (world_size > 1 or fsdp) and not torch_dist.is_initialized():
         # A lone process started without torchrun has no rendezvous address: an in-memory store.
         store = torch_dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
         group = dict(rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT)
-        torch_dist.init_process_group("nccl" if cuda else "gloo", **group)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:  # TF32 for any matmul left in float32
-        torch.set_float32_matmul_precision("high")
-    else:
-        keep_freed_host_memory(one_arena=False)  # torch allocates its big blocks on this thread
+        torch_dist.init_process_group("gloo" if cpu else "nccl", **group)
+    device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
