@@ -21,6 +21,7 @@ from pathlib import Path
 
 from babygpt.cli import run_cli
 from babygpt.config import BACKENDS, BabyGPTError
+from babygpt.hf import read_hf_config
 from babygpt.sampling import SamplingSettings, StreamDecoder
 from babygpt.tokenizer import EOT, encode_prompt, get_tokenizer
 
@@ -84,6 +85,7 @@ def resolve_backend(checkpoint: Path, backend: str | None) -> str:
 
 
 def check_checkpoint(checkpoint: Path) -> None:
+    """A directory either backend can load, checked before the (slow) backend import: one line if not."""
     if not checkpoint.is_dir():
         raise BabyGPTError(
             f"no checkpoint directory at {checkpoint}; train one with `python train.py`"
@@ -96,34 +98,22 @@ def check_checkpoint(checkpoint: Path) -> None:
             else "point --checkpoint at a run directory or a Hugging Face GPT-2 directory"
         )
         raise BabyGPTError(f"{checkpoint} has no model.safetensors + config.json; {hint}")
-
-
-def load_model(backend: str, checkpoint: Path):
-    """The model on the best device there is: bfloat16 compute on a GPU, float32 on CPU."""
-    if backend == "torch":
-        import torch
-
-        from babygpt_torch.model import GPT
-
-        model = GPT.from_pretrained(checkpoint)
-        return model.to("cuda" if torch.cuda.is_available() else "cpu")
-    import jax
-    import jax.numpy as jnp
-
-    from babygpt_jax.model import GPT
-
-    return GPT.from_pretrained(
-        checkpoint, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    )
+    config = read_hf_config(checkpoint)
+    if config.vocab_size < get_tokenizer().n_vocab:  # a prompt's token ids would fall off the table
+        raise BabyGPTError(
+            f"{checkpoint} holds a model of {config.vocab_size} tokens, fewer than GPT-2's tokenizer's"
+            f" {get_tokenizer().n_vocab}; inference.py samples models of GPT-2's vocabulary"
+        )
 
 
 class Sampler:
     """A loaded model, its backend's generate(), and the printing; counts tokens for the summary."""
 
     def __init__(self, backend: str, checkpoint: Path, compile: bool):
-        self.model = load_model(backend, checkpoint)
-        self.generate = importlib.import_module(f"babygpt_{backend}.generate").generate
-        self.extra = {"compile": True} if compile and backend == "torch" else {}
+        generate = importlib.import_module(f"babygpt_{backend}.generate")  # the same names in both
+        self.model = generate.load_model(checkpoint)
+        self.generate = generate.generate
+        self.compile = compile or None  # None: the backend's default (torch: CUDA graphs on a GPU)
         self.tokenizer = get_tokenizer()
         self.tokens = 0
         self.seconds = 0.0
@@ -152,7 +142,7 @@ class Sampler:
             seed=settings.seed,
             stop_token=EOT,
             on_token=on_token if stream else None,
-            **self.extra,
+            compile=self.compile,
         )
         self.seconds += time.perf_counter() - start
         self.tokens += sum(len(s) for s in samples)
@@ -184,7 +174,7 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> None
         try:
             if line.startswith("/"):
                 settings = _command(line, settings)
-                print(f"settings: {settings}", file=sys.stderr)
+                print(f"now sampling with {settings.describe()}", file=sys.stderr)
                 continue
             # A new seed each turn, so that one prompt sent twice gives two samples; reproducible.
             sampler.run(line, settings.replace(seed=settings.seed + turn), num_samples, stream=True)
@@ -232,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = Path(args.checkpoint)
     check_checkpoint(checkpoint)
     backend = resolve_backend(checkpoint, args.backend)
-    log.info("sampling %s with the %s backend", checkpoint, backend)
+    # Said once the model has loaded, so that a directory it cannot load gets one line, the error.
     sampler = Sampler(backend, checkpoint, args.compile)
+    log.info("sampling %s with the %s backend (%s)", checkpoint, backend, settings.describe())
     if args.interactive:
         repl(sampler, settings, args.num_samples)
     else:

@@ -1,6 +1,8 @@
 """Train GPT-2 with either backend.
 
 python train.py [--backend jax|torch] [--config configs/shakespeare.toml] [--resume] [section.key=value ...]
+
+Options and overrides may come in any order.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import importlib
 
 from babygpt.cli import run_cli
 from babygpt.config import BACKENDS, BabyGPTError, load_config
+from babygpt.data import check_vocab
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -20,7 +23,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/shakespeare.toml", help="a TOML preset")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.backend is not None:
         if args.backend not in BACKENDS:
@@ -29,6 +32,7 @@ def main() -> None:
     if args.resume:
         overrides.append("run.resume=true")
     config = load_config(args.config, overrides)
+    check_vocab(config)
     backend = importlib.import_module(f"babygpt_{config.run.backend}.train")
     backend.main(config)
 

@@ -11,10 +11,13 @@ from babygpt.run import Stopped
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    # Our own messages at INFO; libraries (orbax, absl, jax) only when they warn.
+    # Our own messages at INFO; libraries only when they warn (orbax narrates every save at INFO,
+    # through absl). Set here once, for every entry point, rather than in a backend.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for package in ("babygpt", "babygpt_jax", "babygpt_torch", "parity", "inference", "__main__"):
         logging.getLogger(package).setLevel(logging.INFO)
+    for library in ("absl", "orbax", "jax"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     try:
         code = main()
     except BabyGPTError as e:

@@ -33,6 +33,7 @@ class ModelConfig:
     block_size: int = 1024
     bias: bool = True
     dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5  # GPT-2's; a Hugging Face config.json may say otherwise
     vocab_multiple: int = 64  # pad the embedding rows to a multiple of this (50257 -> 50304)
 
     @property
@@ -74,7 +75,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     eval_interval: int = 250
-    eval_steps: int = 20
+    eval_steps: int = 20  # 0 turns evaluation off; sizes it only while eval_tokens is 0
+    eval_tokens: int = (
+        0  # validation tokens per evaluation, any device count; 0: eval_steps x micro_batch x block
+    )
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     log_interval: int = 10
@@ -133,6 +137,8 @@ def _section_types(section_cls) -> dict[str, type]:
 
 def _coerce(value, hint, where: str):
     """Convert a TOML value or a command-line string to the field's type."""
+    if isinstance(value, (dict, list)):  # a TOML table or array where one value belongs
+        raise ConfigError(f"{where}: expected a single value, got {value!r}")
     if isinstance(hint, types.UnionType):  # `float | None`
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -179,29 +185,70 @@ def _apply(config: Config, section: str, key: str, value, where: str) -> Config:
 
 
 def validate(config: Config) -> Config:
-    m, t = config.model, config.train
+    """Every value checked before anything runs, one rule for both backends; one line per mistake."""
+    m, t, r = config.model, config.train, config.run
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "vocab_multiple"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be positive")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "vocab_multiple"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive")
-    for name in ("max_steps", "micro_batch_size", "eval_interval", "log_interval"):
+    if not 0.0 < m.layer_norm_epsilon < 1.0:
+        raise ConfigError(f"model.layer_norm_epsilon={m.layer_norm_epsilon} must be in (0, 1), e.g. 1e-5")
+    for name in ("max_steps", "micro_batch_size"):
         if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be positive")
-    if t.total_batch_tokens < 0 or t.warmup_steps < 0 or t.eval_steps < 0:
-        raise ConfigError("train.total_batch_tokens, warmup_steps and eval_steps must be >= 0")
-    if t.max_lr <= 0 or t.final_lr < 0 or t.final_lr > t.max_lr:
-        raise ConfigError(f"need 0 <= train.min_lr <= train.max_lr, got {t.final_lr}, {t.max_lr}")
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
+    # Each interval counts steps; every one of them also fires at the last step, so a value above
+    # train.max_steps means "only at the end". 0 has no meaning (evaluation is turned off by
+    # train.eval_steps=0, the sample by train.sample_tokens=0).
+    for name in ("log_interval", "eval_interval", "checkpoint_interval"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(
+                f"train.{name}={getattr(t, name)} must be at least 1;"
+                f" set it above train.max_steps={t.max_steps} to act only at the end"
+            )
+    for name in ("total_batch_tokens", "warmup_steps", "eval_steps", "eval_tokens", "sample_tokens"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(
+            f"train.keep_checkpoints={t.keep_checkpoints} must be at least 1 (the one to resume from)"
+        )
+    if not (math.isfinite(t.max_lr) and t.max_lr > 0):
+        raise ConfigError(f"train.max_lr={t.max_lr} must be a positive number, e.g. 6e-4")
+    if not (math.isfinite(t.final_lr) and 0 <= t.final_lr <= t.max_lr):
+        raise ConfigError(f"train.min_lr={t.final_lr} must be a number in [0, train.max_lr={t.max_lr}]")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1), e.g. 0.9 and 0.95")
+    if not (math.isfinite(t.eps) and t.eps > 0):
+        raise ConfigError(f"train.eps={t.eps} must be a small positive number, e.g. 1e-8")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be a number >= 0, e.g. 0.1")
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be a number >= 0 (0 turns clipping off)")
     if t.dtype not in DTYPES:
         raise ConfigError(f"train.dtype={t.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if config.run.backend not in BACKENDS:
+    if not config.data.dataset.strip():
+        raise ConfigError("data.dataset is empty; name a dataset under data.data_dir, e.g. shakespeare")
+    if not r.name.strip() or r.name in (".", "..") or any(sep in r.name for sep in "/\\"):
         raise ConfigError(
-            f"unknown backend {config.run.backend!r}{_closest(config.run.backend, BACKENDS)};"
-            f" choose one of {', '.join(BACKENDS)}"
+            f"run.name={r.name!r} must be a plain directory name (the run goes to run.out_dir/run.name);"
+            " set run.out_dir for another place"
+        )
+    if r.backend not in BACKENDS:
+        raise ConfigError(
+            f"unknown backend {r.backend!r}{_closest(r.backend, BACKENDS)}; choose one of {', '.join(BACKENDS)}"
         )
     return config
+
+
+def require_positive(option: str, value: int) -> int:
+    """For a tool's own integer flags (`--seq`, `--limit`, ...): one line naming the flag if < 1."""
+    if value < 1:
+        raise ConfigError(f"{option} {value}: must be at least 1")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -212,9 +259,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the presets are in configs/")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: invalid TOML ({e}); fix the file or start from configs/") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,31 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 def load_shard(path: str | Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
+    """A shard, memory-mapped; a truncated, foreign or damaged file is one line naming the fix."""
+    path = Path(path)
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # bad header, pickled data, shorter than its header says
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BabyGPTError(f"{path} is not a readable token shard ({reason}); {_reprepare(path)}") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise BabyGPTError(
+            f"{path} holds {tokens.dtype} of shape {tokens.shape}, not a row of uint16 tokens;"
+            f" {_reprepare(path)}"
+        )
+    return tokens
+
+
+def _prepare_command(data_dir: Path) -> str:
+    name = data_dir.name
+    if name in ("shakespeare", "fineweb"):
+        return f"python prepare.py {name}"
+    return f"python prepare.py text FILE... --name {name}"
+
+
+def _reprepare(path: Path) -> str:
+    """Preparing resumes: it rewrites only the files that are missing."""
+    return f"delete {path} and rerun the command that prepared it, e.g. `{_prepare_command(path.parent)}`"
 
 
 def dataset_dir(config: Config) -> Path:
@@ -62,13 +86,9 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     data_dir = Path(data_dir)
     shards = sorted(data_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].npy"))
     if not shards:
-        name = data_dir.name
-        hint = (
-            f"python prepare.py {name}"
-            if name in ("shakespeare", "fineweb")
-            else (f"python prepare.py text FILE... --name {name}")
+        raise BabyGPTError(
+            f"no {split} shards in {data_dir}; prepare them with `{_prepare_command(data_dir)}`"
         )
-        raise BabyGPTError(f"no {split} shards in {data_dir}; prepare them with `{hint}`")
     return shards
 
 
@@ -109,19 +129,78 @@ def ensure_dataset(config: Config) -> Path:
     """Shakespeare prepares itself on first use; any other dataset must have been prepared."""
     data_dir = dataset_dir(config)
     if config.data.dataset == "shakespeare" and not (data_dir / "meta.json").exists():
-        prepare_shakespeare(config.data.data_dir)
+        try:
+            prepare_shakespeare(config.data.data_dir)
+        except OSError as e:  # a read-only or full disk
+            raise BabyGPTError(
+                f"cannot prepare {data_dir} ({e.strerror}); set data.data_dir to a writable directory"
+            ) from None
     for split in SPLITS:
         list_shards(data_dir, split)
     return data_dir
 
 
-class TokenWindows:
-    """All contiguous windows of `seq_len + 1` tokens, in the one order both backends use.
+def check_vocab(config: Config) -> None:
+    """Before anything runs: every shard opens, and the dataset's tokens fit `model.vocab_size`.
 
-    Window `i` of a shard is tokens `[i*T, i*T + T + 1)`; inputs are its first T tokens, targets
-    its last T. Sample `k` of the stream is window `k mod N` of epoch `k // N`. With `shuffle`,
-    each epoch visits the shards in a seeded order and each shard's windows in a seeded order;
-    without it (validation), everything is in file order.
+    meta.json records the tokenizer's vocabulary (50257 for GPT-2; the bundled Shakespeare, before
+    it is prepared, is GPT-2 tokens too). Where that exceeds `model.vocab_size`, the shards
+    themselves decide, a chunk at a time, stopping at the first token that does not fit: a data
+    set that declares a larger vocabulary than it uses (tests' random tokens) still trains.
+    """
+    data_dir, vocab_size = dataset_dir(config), config.model.vocab_size
+    if not (data_dir / "meta.json").exists():
+        declared = get_tokenizer().n_vocab
+        if config.data.dataset == "shakespeare" and declared > vocab_size:  # prepared on first use
+            raise BabyGPTError(_vocab_message(data_dir, declared - 1, vocab_size, declared))
+        return  # not prepared: ensure_dataset says how
+    try:
+        declared = int(read_meta(data_dir).get("vocab_size", 0))
+    except (ValueError, TypeError, AttributeError, OSError) as e:  # json's errors are ValueErrors
+        raise BabyGPTError(
+            f"{data_dir / 'meta.json'} is unreadable ({e}); {_reprepare(data_dir / 'meta.json')}"
+        ) from None
+    shards = [load_shard(path) for split in SPLITS for path in list_shards(data_dir, split)]
+    if declared <= vocab_size:
+        return
+    chunk = 1 << 24
+    for tokens in shards:
+        for start in range(0, len(tokens), chunk):
+            largest = int(tokens[start : start + chunk].max(initial=0))
+            if largest >= vocab_size:
+                raise BabyGPTError(_vocab_message(data_dir, largest, vocab_size, declared))
+
+
+def _vocab_message(data_dir: Path, token: int, vocab_size: int, declared: int) -> str:
+    return (
+        f"{data_dir} holds token id {token} but model.vocab_size={vocab_size};"
+        f" set model.vocab_size={declared} (its tokenizer's vocabulary)"
+    )
+
+
+class TokenWindows:
+    """All windows of `seq_len + 1` tokens at stride `seq_len`, in the one order both backends use.
+
+    Inputs are a window's first T tokens, targets its last T; consecutive windows of a shard share
+    one token (the last target of one is the first input of the next).
+
+    Training (`shuffle`): every epoch draws, from the seed, an order of the shards, for each shard
+    an offset `o` in `[0, min(T, n - T))` and an order of that shard's windows, which then start at
+    `o + i*T` for `i < (n - 1 - o) // T`. The offset moves every window boundary each epoch, so a
+    small dataset read for many epochs is not seen as the same sequences at the same positions
+    (what nanoGPT gets from a random start per sequence). One offset per shard, rather than one per
+    sequence, keeps the windows of an epoch disjoint: within an epoch each token is an input at
+    most once and a target at most once (the shared boundary token is the target of one window and
+    the input of the next), and the first `o` tokens and the tail past the last whole window are
+    not read that epoch. The offset's bound keeps at least one window in every shard that has one.
+
+    Validation (no `shuffle`): offset 0, file order, the same windows every time.
+
+    Sample `k` of the stream is a pure function of `(seed, k)`: `locate` maps it to (epoch, shard,
+    start) through the cumulative window counts of the epochs before it, which differ by at most
+    one window per shard. So any device count reading `micro_batch_rows` reads the same samples,
+    and a loader resumes exactly from the number of samples consumed. `len()` is the number of
+    windows on the offset-0 grid: the validation set, and the most any training epoch holds.
     """
 
     def __init__(self, shards: Sequence[np.ndarray], seq_len: int, seed: int, shuffle: bool):
@@ -129,13 +208,17 @@ class TokenWindows:
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        self.counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards])
+        self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.counts = np.maximum(0, (self.lengths - 1) // seq_len)
         self.total = int(self.counts.sum())
         if self.total == 0:
             raise BabyGPTError(
                 f"the dataset is shorter than one window of {seq_len + 1} tokens;"
                 " lower model.block_size or add data"
             )
+        # At most n - T - 1: a shard with a window on the grid keeps at least one in every epoch.
+        self._offset_bounds = np.clip(self.lengths - seq_len, 1, seq_len)
+        self._epoch_ends = np.zeros(0, dtype=np.int64)  # samples before the end of each epoch
 
     @classmethod
     def from_dir(cls, data_dir: str | Path, split: str, seq_len: int, seed: int) -> TokenWindows:
@@ -145,32 +228,77 @@ class TokenWindows:
     def __len__(self) -> int:
         return self.total
 
+    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard order and each shard's offset (indexed by shard) for one epoch."""
+        if not self.shuffle:
+            return np.arange(len(self.shards)), np.zeros(len(self.shards), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(len(self.shards)), rng.integers(0, self._offset_bounds)
+
+    def _counts(self, offsets: np.ndarray) -> np.ndarray:
+        return np.maximum(0, (self.lengths - 1 - offsets) // self.seq_len)
+
     @functools.lru_cache(maxsize=2)
-    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        order = np.arange(len(self.shards))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        return order, np.cumsum(self.counts[order])
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Shard order, cumulative window counts in that order, offsets and counts per shard."""
+        order, offsets = self._draw(epoch)
+        counts = self._counts(offsets)
+        return order, np.cumsum(counts[order]), offsets, counts
 
     @functools.lru_cache(maxsize=4)
-    def _window_order(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard]).permutation(self.counts[shard])
+    def _window_order(self, epoch: int, shard: int, count: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(count)
 
-    def window(self, k: int) -> np.ndarray:
-        """Sample k (any k >= 0) as an int32 array of seq_len + 1 tokens."""
-        epoch, j = divmod(int(k), self.total)
-        order, ends = self._shard_order(epoch)
+    def epoch_start(self, epoch: int) -> int:
+        """The first sample of `epoch`."""
+        if not self.shuffle:
+            return epoch * self.total
+        self._count_epochs(epoch)
+        return int(self._epoch_ends[epoch - 1]) if epoch else 0
+
+    def _count_epochs(self, epoch: int) -> None:
+        """Extend the cumulative epoch lengths through `epoch`. Reader threads may race here: each
+        computes the same numbers and swaps in a whole new array, so every reader sees a valid prefix."""
+        ends = self._epoch_ends
+        if len(ends) > epoch:
+            return
+        more = range(len(ends), max(epoch + 1, 2 * len(ends)))
+        lengths = [int(self._counts(self._draw(e)[1]).sum()) for e in more]
+        last = int(ends[-1]) if len(ends) else 0
+        self._epoch_ends = np.concatenate([ends, last + np.cumsum(lengths, dtype=np.int64)])
+
+    def _epoch_of(self, k: int) -> int:
+        if not self.shuffle:
+            return k // self.total
+        while not len(self._epoch_ends) or self._epoch_ends[-1] <= k:
+            self._count_epochs(2 * len(self._epoch_ends))
+        return int(np.searchsorted(self._epoch_ends, k, side="right"))
+
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """Sample k (any k >= 0) as (epoch, shard, first token's index in the shard)."""
+        k = int(k)
+        epoch = self._epoch_of(k)
+        j = k - self.epoch_start(epoch)
+        order, ends, offsets, counts = self._epoch(epoch)
         slot = int(np.searchsorted(ends, j, side="right"))
         shard = int(order[slot])
         i = j - (int(ends[slot - 1]) if slot else 0)
         if self.shuffle:
-            i = int(self._window_order(epoch, shard)[i])
-        start = i * self.seq_len
+            i = int(self._window_order(epoch, shard, int(counts[shard]))[i])
+        return epoch, shard, int(offsets[shard]) + i * self.seq_len
+
+    def window(self, k: int) -> np.ndarray:
+        """Sample k (any k >= 0) as an int32 array of seq_len + 1 tokens."""
+        _, shard, start = self.locate(k)
         return np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int32)
+
+    def take(self, samples: Iterable[int]) -> np.ndarray:
+        """The given samples, stacked: (len(samples), seq_len + 1)."""
+        return np.stack([self.window(k) for k in samples])
 
     def rows(self, first: int, count: int) -> np.ndarray:
         """Samples first .. first + count - 1, stacked: (count, seq_len + 1)."""
-        return np.stack([self.window(k) for k in range(first, first + count)])
+        return self.take(range(first, first + count))
 
 
 def micro_batch_rows(position: int, rows_per_micro_step: int, first_row: int, count: int) -> range:
@@ -182,3 +310,37 @@ def micro_batch_rows(position: int, rows_per_micro_step: int, first_row: int, co
     """
     start = position * rows_per_micro_step + first_row
     return range(start, start + count)
+
+
+def eval_sequences(config: Config, available: int) -> int:
+    """How many validation windows one evaluation reads; 0 when `train.eval_steps=0` turns it off.
+
+    `train.eval_tokens` in whole windows of `block_size`, or when it is 0 the
+    `eval_steps x micro_batch_size x block_size` tokens that one device read before the setting
+    existed; at least one window, at most the `available` ones (the whole split). The device count
+    plays no part, so every machine evaluates the same sequences.
+    """
+    t, T = config.train, config.model.block_size
+    if t.eval_steps == 0:
+        return 0
+    tokens = t.eval_tokens or t.eval_steps * t.micro_batch_size * T
+    return min(available, max(1, tokens // T))
+
+
+def validation_batches(
+    n_sequences: int, rows_per_micro_step: int, first_row: int = 0, count: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One rank's (samples, weights) per global validation micro-step, both (count,).
+
+    Samples 0 .. n_sequences-1 of the fixed validation order fill the global micro-steps in order
+    (row r of micro-step m is sample m*R + r, R = `rows_per_micro_step` = micro batch x devices);
+    the rows past the last real one repeat real windows (sample index modulo n_sequences), so every
+    row is a real sequence of the same shape, and weigh 0; the others weigh 1. Rank r takes rows
+    `first_row .. first_row+count-1` of each, as in `micro_batch_rows`. So the validation loss,
+    sum(weight x per-sequence mean loss) over all micro-steps and ranks / n_sequences, is the mean
+    over exactly the same sequences for any device count and micro-batch size.
+    """
+    count = rows_per_micro_step - first_row if count is None else count
+    for start in range(0, n_sequences, rows_per_micro_step):
+        rows = np.arange(start + first_row, start + first_row + count)
+        yield rows % n_sequences, (rows < n_sequences).astype(np.float32)

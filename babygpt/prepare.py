@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from babygpt.config import BabyGPTError
-from babygpt.data import MAX_UINT16_TOKEN, read_meta, shard_path, write_meta, write_shard
+from babygpt.data import MAX_UINT16_TOKEN, load_shard, read_meta, shard_path, write_meta, write_shard
 from babygpt.tokenizer import EOT, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,18 @@ def _check_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def read_text_files(paths: Sequence[str | Path]) -> Iterator[str]:
     """One document per file."""
-    return (path.read_text(encoding="utf-8") for path in _check_files(paths))
+    return map(_read_text, _check_files(paths))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BabyGPTError(_not_utf8(path, e)) from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    return f"{path} is not UTF-8 text (byte {e.start}); convert it first, e.g. `iconv -t utf-8`"
 
 
 def read_jsonl(paths: Sequence[str | Path], field: str = "text") -> Iterator[str]:
@@ -79,8 +90,12 @@ def read_jsonl(paths: Sequence[str | Path], field: str = "text") -> Iterator[str
 
 def _jsonl_documents(paths: list[Path], field: str) -> Iterator[str]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BabyGPTError(f"line {n} of {_not_utf8(path, e)}") from None
                 if not line.strip():
                     continue
                 try:
@@ -96,11 +111,18 @@ def _jsonl_documents(paths: list[Path], field: str) -> Iterator[str]:
 
 def read_parquet(paths: Sequence[str | Path], field: str = "text") -> Iterator[str]:
     """Column `field` of each file, a record batch at a time (never a whole file in memory)."""
+    import pyarrow
     import pyarrow.parquet as pq
 
     files = _check_files(paths)
     for path in files:
-        names = pq.read_schema(path).names
+        try:
+            names = pq.read_schema(path).names
+        except pyarrow.ArrowException as e:
+            reason = str(e).splitlines()[0]
+            raise BabyGPTError(
+                f"{path} is not a parquet file ({reason}); for text use `prepare.py text`"
+            ) from None
         if field not in names:
             raise BabyGPTError(
                 f"{path} has no column {field!r} (it has {', '.join(names)}); name the column with --text-field"
@@ -121,11 +143,21 @@ def stream_fineweb(subset: str = "sample-10BT") -> Iterator[str]:
         raise BabyGPTError(
             "prepare.py fineweb streams through Hugging Face datasets: pip install datasets"
         ) from None
+    log_library_messages_once()
     try:
         rows = datasets.load_dataset(FINEWEB, name=subset, split="train", streaming=True)
     except (OSError, ConnectionError, ValueError) as e:  # offline, or an unknown subset name
         raise BabyGPTError(f"cannot stream {FINEWEB} {subset}: {e}".splitlines()[0]) from None
     return (row["text"] for row in rows)
+
+
+def log_library_messages_once() -> None:
+    """huggingface_hub logs through a handler of its own and also passes each record up to the root
+    logger, which `run_cli` gives a handler too: every hub retry printed twice. Keep its own."""
+    for name in ("huggingface_hub", "datasets"):
+        logger = logging.getLogger(name)
+        if logger.handlers:
+            logger.propagate = False
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -225,7 +257,7 @@ def write_dataset(
     def flush(index: int, tokens: np.ndarray, next_doc: int | None, next_offset: int | None) -> None:
         path = out_dir / shard_name(index)
         if path.exists():  # finished by an earlier run: the same tokens, since the stream is deterministic
-            if len(np.load(path, mmap_mode="r")) != len(tokens):
+            if len(load_shard(path)) != len(tokens):
                 raise BabyGPTError(f"{path} does not match this corpus; delete {out_dir} and prepare again")
         else:
             write_shard(path, tokens)

@@ -48,6 +48,15 @@ class SamplingSettings:
     def replace(self, **changes) -> SamplingSettings:
         return dataclasses.replace(self, **changes)
 
+    def describe(self) -> str:
+        """In words, for people: "temperature 0.8, top-k 50, top-p off, 100 new tokens, seed 0"."""
+        temperature = (
+            "greedy (temperature 0)" if self.temperature == 0 else f"temperature {self.temperature:g}"
+        )
+        top_k = "off" if self.top_k is None else self.top_k
+        top_p = "off" if self.top_p is None else f"{self.top_p:g}"
+        return f"{temperature}, top-k {top_k}, top-p {top_p}, {self.max_tokens} new tokens, seed {self.seed}"
+
 
 def crop_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int) -> list[list[int]]:
     """The context policy: keep the last `block_size - max_new_tokens` tokens of each prompt.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,27 +22,36 @@ import numpy as np
 from flax import nnx
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts, prefill_length
+from babygpt_jax.model import GPT
+
+
+def load_model(path: str | Path) -> GPT:
+    """A Hugging Face GPT-2 directory, ready to sample: bfloat16 compute on a GPU, float32 on CPU."""
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return GPT.from_pretrained(path, dtype=dtype)
 
 
 def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
-    """(B, V) logits with every token outside the top-k and outside the top-p nucleus set to -inf.
+    """(B, V) logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
 
-    top-k applies first; top-p then keeps the smallest set of the most likely tokens whose
-    probability adds up to at least top_p (at least one token). One sort serves both; tokens tied
-    with the last kept one are kept too. top_k and top_p may be traced: no recompile per value.
+    Exactly Hugging Face's `TopKLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep=1): top-k
+    cuts by value, so every token tied with the k-th most likely stays; top-p then drops, from the
+    least likely up, each token whose probability and all smaller ones add up to at most 1 - top_p,
+    always keeping the most likely; tied tokens are ordered by id (a stable sort). top_p = 1 is off,
+    as in `generate`. One sort serves both. top_k and top_p may be traced: no recompile per value.
     """
     V = logits.shape[-1]
-    k = V if top_k is None else jnp.minimum(top_k, V)
+    k = V if top_k is None else jnp.clip(top_k, 1, V)
     p = 1.0 if top_p is None else top_p
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # (B, V) descending
-    rank = jnp.arange(V)
-    sorted_logits = jnp.where(rank >= k, -jnp.inf, sorted_logits)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & (sorted_logits > -jnp.inf) & ((mass_before < p) | (p >= 1.0))
-    n_keep = jnp.maximum(keep.sum(axis=-1, keepdims=True), 1)  # (B, 1)
-    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    order = jnp.argsort(logits, axis=-1, stable=True)  # (B, V) ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    kth = sorted_logits[..., V - k, None]  # (B, 1) the k-th largest value
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+    mass = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)  # this token and all less likely
+    drop = (sorted_logits == -jnp.inf) | ((mass <= 1 - p) & (p < 1))
+    drop = drop.at[..., -1].set(False)
+    drop = jnp.put_along_axis(jnp.zeros_like(drop), order, drop, axis=-1, inplace=False)
+    return jnp.where(drop, -jnp.inf, logits)
 
 
 def sample(
@@ -75,6 +85,7 @@ def generate(
     seed: int = 0,
     stop_token: int | None = 50256,
     on_token: Callable[[int, int], None] | None = None,
+    compile: bool | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
 
@@ -85,6 +96,7 @@ def generate(
     `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
     `on_token(row, token)` is called for each new token as it is chosen; without it the whole
     decode loop runs on the device in one call, and the host reads the tokens once at the end.
+    `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -93,13 +105,13 @@ def generate(
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
     # Every row's token at every position: the prompts, then what decoding chooses. One column
     # more than the cache, because the last chosen token is never fed back.
-    tokens = np.zeros((B, S + 1), np.int32)
+    padded = np.zeros((B, S + 1), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    tokens, lengths_arr = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    chunk = tokens[:, : prefill_length(shortest, S)]
+        padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     prefill, step, decode_loop = _compiled_steps(graphdef, top_k is not None or top_p is not None)
+    tokens, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+    chunk = tokens[:, : prefill_length(shortest, S)]
     # Traced, so a new value reuses the compiled steps.
     settings = (
         jnp.float32(temperature),

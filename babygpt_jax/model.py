@@ -8,7 +8,6 @@ value passed in and returned rather than a buffer written in place.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
@@ -17,11 +16,9 @@ import numpy as np
 from flax import nnx
 
 from babygpt.config import ModelConfig
-from babygpt.hf import read_hf_dir
+from babygpt.hf import pad_vocab, read_hf_dir, unpad_vocab
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: keys, values (B, S, nh, hs)
-
-log = logging.getLogger(__name__)
 
 
 def attention_implementation(dtype) -> str:
@@ -29,11 +26,7 @@ def attention_implementation(dtype) -> str:
 
     jax's default (None) picks the slow XLA path even on an H100, so ask for cuDNN explicitly.
     """
-    impl = "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
-    if not getattr(attention_implementation, "logged", False):
-        log.info("attention implementation: %s", impl)
-        attention_implementation.logged = True
-    return impl
+    return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 def _normal(std: float):
@@ -45,7 +38,7 @@ class CausalSelfAttention(nnx.Module):
         C, proj_std = config.n_embd, 0.02 * (2 * config.n_layer) ** -0.5
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.dtype = dtype
+        self.implementation = attention_implementation(dtype)  # chosen once, for the training forward
         dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.c_attn = nnx.Linear(C, 3 * C, kernel_init=_normal(0.02), **dense)
         self.c_proj = nnx.Linear(C, C, kernel_init=_normal(proj_std), **dense)  # GPT-2: scaled residual init
@@ -59,9 +52,7 @@ class CausalSelfAttention(nnx.Module):
         k = k.reshape(B, T, self.n_head, C // self.n_head)
         v = v.reshape(B, T, self.n_head, C // self.n_head)
         if kv_cache is None:
-            y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation=attention_implementation(self.dtype)
-            )
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         else:
             # Decoding: a new cache with this step's keys/values at pos..pos+T-1, attended over
             # whole with a mask hiding unwritten slots. The caller keeps the returned cache.
@@ -97,7 +88,7 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Statistics in float32 whatever the compute dtype; the next Linear casts down.
     return nnx.LayerNorm(
         config.n_embd,
-        epsilon=1e-5,
+        epsilon=config.layer_norm_epsilon,
         use_bias=config.bias,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -119,25 +110,31 @@ class Block(nnx.Module):
         return x, kv_cache
 
 
+class RematBlock(Block):
+    """A Block that keeps only its input for the backward pass and runs again for the rest (train.remat)."""
+
+    def __call__(self, x, kv_cache=None, pos=None):
+        return nnx.remat(Block.__call__)(self, x, kv_cache, pos)
+
+
 class GPT(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs = None, dtype=jnp.float32):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
         self.config = config
         self.dtype = dtype
         V = config.padded_vocab_size
+        block = RematBlock if remat else Block  # remat: less memory, a second forward in backward
         embed = dict(embedding_init=_normal(0.02), dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
         self.transformer = nnx.Dict(
             wte=nnx.Embed(V, config.n_embd, **embed),
             wpe=nnx.Embed(config.block_size, config.n_embd, **embed),
             drop=nnx.Dropout(config.dropout, rngs=rngs),
-            h=nnx.List([Block(config, rngs=rngs, dtype=dtype) for _ in range(config.n_layer)]),
+            h=nnx.List([block(config, rngs=rngs, dtype=dtype) for _ in range(config.n_layer)]),
             ln_f=_layer_norm(config, rngs),
         )
         # No lm_head module: weight tying is reusing wte's table in `_logits`.
-        self.remat = False  # train.remat: recompute each block in the backward pass, saving memory
 
     def __call__(self, idx, targets=None):
-        logits = self._logits(idx)
+        logits, _ = self._logits(idx)
         loss = None
         if targets is not None:
             # The loss in float32 whatever the compute dtype; padded logits are -inf, so they
@@ -147,22 +144,21 @@ class GPT(nnx.Module):
 
     def decode(self, idx, kv_cache: KVCache, pos):
         """Logits for idx at positions pos.., and the kv_cache extended by them (a new value)."""
-        return self._logits(idx, kv_cache, pos, return_cache=True)
+        return self._logits(idx, kv_cache, pos)
 
-    def _logits(self, idx, kv_cache=None, pos=0, return_cache=False):
+    def _logits(self, idx, kv_cache=None, pos=0):
         B, T = idx.shape
         positions = pos + jnp.arange(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         new_cache = []
-        run_block = nnx.remat(Block.__call__) if self.remat and kv_cache is None else Block.__call__
         for i, block in enumerate(self.transformer.h):
-            x, layer_cache = run_block(block, x, None if kv_cache is None else kv_cache[i], pos)
+            x, layer_cache = block(x, None if kv_cache is None else kv_cache[i], pos)
             new_cache.append(layer_cache)
         x = self.transformer.ln_f(x)
         wte = self.transformer.wte.embedding[...]
         logits = x.astype(self.dtype) @ wte.astype(self.dtype).T  # (B, T, V) the tied lm_head
         logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.config.vocab_size, -jnp.inf, logits)
-        return (logits, new_cache) if return_cache else logits
+        return logits, None if kv_cache is None else new_cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
         c = self.config
@@ -177,7 +173,7 @@ class GPT(nnx.Module):
     def from_pretrained(cls, hf_dir: str | Path, dtype=jnp.float32) -> GPT:
         """A Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. OpenAI's weights."""
         config, tensors = read_hf_dir(hf_dir)
-        model = cls(config, rngs=nnx.Rngs(0), dtype=dtype)
+        model = cls(config, rngs=nnx.Rngs(0), dtype=dtype)  # every weight is overwritten next
         load_hf_tensors(model, tensors)
         return model
 
@@ -200,25 +196,14 @@ def _hf_name(path: tuple) -> str:
 
 def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """The weights in Hugging Face GPT-2 layout: (in, out) kernels already, unpadded vocabulary."""
-    out = {}
-    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = _hf_name(path)
-        array = np.asarray(param[...], dtype=np.float32)
-        if name == "transformer.wte.weight":
-            array = array[: model.config.vocab_size]
-        out[name] = array
-    return out
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    out = {_hf_name(path): np.asarray(param[...], dtype=np.float32) for path, param in state}
+    return unpad_vocab(out, model.config)
 
 
 def load_hf_tensors(model: GPT, tensors: dict[str, np.ndarray]) -> None:
+    tensors = pad_vocab(tensors, model.config)
     state = nnx.state(model, nnx.Param)
     for path, param in nnx.to_flat_state(state):
-        name = _hf_name(path)
-        array = tensors[name]
-        if name == "transformer.wte.weight":  # pad the vocabulary rows back
-            pad = param.shape[0] - array.shape[0]
-            array = np.concatenate([array, np.zeros((pad, array.shape[1]), array.dtype)])
-        if array.shape != param.shape:
-            raise ValueError(f"{name}: shape {array.shape} does not fit {param.shape}")
-        param[...] = jnp.asarray(array, dtype=param.dtype)
+        param[...] = jnp.asarray(tensors[_hf_name(path)], dtype=param.dtype)
     nnx.update(model, state)

@@ -12,36 +12,46 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from babygpt.sampling import RowCollector, cache_length, crop_prompts
+from babygpt_torch.model import GPT
 
 # Without a per-token callback, tokens stay on the device and the host looks for the stop token
 # every this many steps (without a stop token, only at the end), so the GPU never waits for Python.
 CHECK_EVERY = 8
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """(B, V) logits with every token outside the top-k and outside the top-p nucleus set to -inf.
+def load_model(path: str | Path) -> GPT:
+    """A Hugging Face GPT-2 directory, ready to sample: on a GPU if there is one (bfloat16 autocast)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return GPT.from_pretrained(path).to(device)
 
-    top-k applies first; top-p then keeps the smallest set of the most likely tokens whose
-    probability adds up to at least top_p (at least one token). One sort serves both; tokens tied
-    with the last kept one are kept too.
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    Exactly Hugging Face's `TopKLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep=1): top-k
+    cuts by value, so every token tied with the k-th most likely stays; top-p then drops, from the
+    least likely up, each token whose probability and all smaller ones add up to at most 1 - top_p,
+    always keeping the most likely; tied tokens are ordered by id (a stable sort). top_p = 1 is off,
+    as in `generate`. One sort serves both.
     """
     V = logits.size(-1)
-    k = V if top_k is None else min(top_k, V)
+    k = V if top_k is None else min(max(top_k, 1), V)
     p = 1.0 if top_p is None else top_p
-    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    rank = torch.arange(V, device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = (rank < k) & (sorted_logits > float("-inf")) & ((mass_before < p) | (p >= 1.0))
-    n_keep = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
-    threshold = sorted_logits.gather(-1, n_keep - 1)
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    order = torch.argsort(logits, dim=-1, stable=True)  # (B, V) ascending
+    sorted_logits = logits.gather(-1, order)
+    kth = sorted_logits[..., V - k, None]  # (B, 1) the k-th largest value
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    mass = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)  # this token and all less likely
+    drop = (sorted_logits == float("-inf")) | ((mass <= 1 - p) & (p < 1))
+    drop[..., -1] = False
+    drop = torch.zeros_like(drop).scatter(-1, order, drop)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(
@@ -51,16 +61,18 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from the filtered softmax."""
+    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from the filtered softmax.
+
+    Eager: temperature is a Python number, so greedy returns before any draw is made.
+    """
     logits = logits.float()
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
+    scaled = logits / temperature
     if top_k is not None or top_p is not None:
-        logits = filter_logits(logits / temperature, top_k, top_p)
-    else:
-        logits = logits / temperature
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+        scaled = filter_logits(scaled, top_k, top_p)
+    sampled = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]  # (B,)
+    return sampled
 
 
 @torch.inference_mode()
@@ -93,6 +105,11 @@ def generate(
     lengths = [len(p) for p in prompts]
     shortest, longest = min(lengths), max(lengths)
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
+    # Every row's token at every position: the prompts, then what decoding chooses. One column
+    # more than the cache, because the last chosen token is never fed back.
+    padded = torch.zeros(B, S + 1, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
     device = model.lm_head.weight.device
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -100,14 +117,11 @@ def generate(
         model, B, S, device, dtype, on_gpu if compile is None else compile
     )
     cache, tokens, lengths_t, pos_t = buffers
-    # Every row's token at every position: the prompts, then what decoding chooses. One column
-    # more than the cache, because the last chosen token is never fed back.
-    padded = torch.zeros(B, S + 1, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = torch.tensor(prompt)
     tokens.copy_(padded)
     lengths_t.copy_(torch.tensor(lengths))
     generator = torch.Generator(device).manual_seed(seed)
+    last = longest + max_new_tokens - 1  # the last position any row needs
+    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
 
     def step(pos: int) -> None:
         """Choose every row's token at pos + 1: greedy wholly in the step, else sampled after it."""
@@ -119,13 +133,11 @@ def generate(
 
     was_training = model.training
     model.eval()
-    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model.decode(tokens[:, :shortest], cache, 0)
             pos_t.fill_(shortest - 1)
             commit(sample(logits[:, -1], generator, temperature, top_k, top_p))
-            last = longest + max_new_tokens - 1  # the last position any row needs
             seen = shortest  # the first position the collector has not read
             for pos in range(shortest, last + 1):
                 due = stop_token is not None and (pos + 1 - shortest) % CHECK_EVERY == 0

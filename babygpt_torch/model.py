@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from babygpt.config import ModelConfig
-from babygpt.hf import CONV1D_WEIGHTS, read_hf_dir
+from babygpt.hf import CONV1D_WEIGHTS, pad_vocab, read_hf_dir, unpad_vocab
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, nh, S, hs)
 
@@ -67,9 +67,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, pos=None):
@@ -79,65 +79,71 @@ class Block(nn.Module):
         return x, kv_cache
 
 
+class RematBlock(Block):
+    """A Block that keeps only its input for the backward pass and runs again for the rest (train.remat)."""
+
+    def forward(self, x, kv_cache=None, pos=None):
+        return torch.utils.checkpoint.checkpoint(super().forward, x, kv_cache, pos, use_reentrant=False)
+
+
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, remat: bool = False):
         super().__init__()
         self.config = config
         V = config.padded_vocab_size
+        block = RematBlock if remat else Block  # remat: less memory, a second forward in backward
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(V, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                h=nn.ModuleList([block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.remat = False  # train.remat: recompute each block in the backward pass, saving memory
         # Rows past the tokenizer's vocabulary exist only to make V a multiple of 64.
         self.register_buffer("vocab_pad", torch.arange(V) >= config.vocab_size, persistent=False)
-        self.apply(self._init_weights)
+        self._init_weights()
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if module is not self.lm_head and _is_residual_projection(self, module):
-                std *= (2 * self.config.n_layer) ** -0.5  # GPT-2: scale the residual projections
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def _init_weights(self):
+        """GPT-2's init by parameter name: normal(0, 0.02), zero biases, LayerNorm left at (1, 0).
+
+        The tied table is met twice (as wte, then as lm_head, whose draw it keeps): the draws of
+        nanoGPT's module-by-module init in the same order, so a seed gives the same weights.
+        """
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if name.endswith("c_proj.weight"):  # GPT-2: scale the residual projections
+                nn.init.normal_(param, mean=0.0, std=0.02 * (2 * self.config.n_layer) ** -0.5)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
+            elif param.dim() == 2:  # Linear and Embedding weights
+                nn.init.normal_(param, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        logits = self._logits(idx)
+        logits, _ = self._logits(idx)
         loss = None
         if targets is not None:
             # The loss in float32 whatever the compute dtype; padded logits are -inf, so they
             # take no probability mass.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def decode(self, idx, kv_cache: KVCache, pos):
         """Logits for idx at positions pos.., reading and extending kv_cache (in place)."""
-        logits = self._logits(idx, kv_cache, pos)
-        return logits, kv_cache
+        return self._logits(idx, kv_cache, pos)
 
     def _logits(self, idx, kv_cache=None, pos=0):
         B, T = idx.size()
         positions = pos + torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        remat = self.remat and kv_cache is None
         for i, block in enumerate(self.transformer.h):
-            if remat:  # keep only the block's input; backward runs the block again for the rest
-                x, _ = torch.utils.checkpoint.checkpoint(block, x, None, pos, use_reentrant=False)
-            else:
-                x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
+            x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
-        return logits.masked_fill(self.vocab_pad, float("-inf"))
+        return logits.masked_fill(self.vocab_pad, float("-inf")), kv_cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype=torch.float32) -> KVCache:
         c = self.config
@@ -160,10 +166,6 @@ class GPT(nn.Module):
         return model
 
 
-def _is_residual_projection(model: GPT, module: nn.Module) -> bool:
-    return any(module is block.attn.c_proj or module is block.mlp.c_proj for block in model.transformer.h)
-
-
 def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """The weights in Hugging Face GPT-2 layout: Conv1D (in, out) kernels, unpadded vocabulary."""
     out = {}
@@ -171,26 +173,17 @@ def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
         if name == "lm_head.weight":
             continue  # tied to transformer.wte.weight
         array = tensor.detach().float().cpu().numpy().copy()  # a snapshot, not a view of live weights
-        if name.endswith(CONV1D_WEIGHTS):
-            array = array.T
-        if name == "transformer.wte.weight":
-            array = array[: model.config.vocab_size]
-        out[name] = np.ascontiguousarray(array)
-    return out
+        out[name] = np.ascontiguousarray(array.T if name.endswith(CONV1D_WEIGHTS) else array)
+    return unpad_vocab(out, model.config)
 
 
 def load_hf_tensors(model: GPT, tensors: dict[str, np.ndarray]) -> None:
+    tensors = pad_vocab(tensors, model.config)
     state = {}
-    for name, param in model.state_dict().items():
+    for name in model.state_dict():
         if name == "lm_head.weight":
             continue
-        array = tensors[name]
-        if name.endswith(CONV1D_WEIGHTS):
-            array = array.T
-        if name == "transformer.wte.weight":  # pad the vocabulary rows back
-            array = np.concatenate(
-                [array, np.zeros((param.shape[0] - array.shape[0], array.shape[1]), array.dtype)]
-            )
+        array = tensors[name].T if name.endswith(CONV1D_WEIGHTS) else tensors[name]
         state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state)

@@ -11,13 +11,16 @@ never reach a logit (both backends mask them to -inf), so it computes the same f
 
 SRC: a Hugging Face directory, a run directory of either backend (its latest checkpoint, else its
 export), a torch checkpoint `.pt`, or one orbax step directory. DST: a Hugging Face directory, or a
-`.pt` file holding a torch `state_dict`.
+`.pt` file holding a torch `state_dict`. DST must be new (or an empty directory), and neither inside
+SRC nor holding it: a conversion never removes or overwrites anything it did not create.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, ModelConfig
-from babygpt.files import atomic_open
+from babygpt.files import atomic_open, staging_dir
 from babygpt.hf import read_hf_dir, write_hf_dir
 
 if TYPE_CHECKING:  # the backends are imported lazily: converting needs only the ones involved
@@ -237,19 +240,54 @@ def save_state_dict(path: str | Path, config: ModelConfig, tensors: Tensors) -> 
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model_config": dataclasses.asdict(config), "model": tensors_to_state_dict(tensors, config)}
     with atomic_open(path) as f:
         torch.save(state, f)
     return path
 
 
+def save_hf_dir(path: Path, config: ModelConfig, tensors: Tensors) -> Path:
+    """The HF directory built whole in a staging directory beside `path`, then moved in by one rename.
+
+    The rename replaces at most an empty directory (checked before, and refused by the OS should
+    something have appeared meanwhile): a conversion never removes what it did not create.
+    """
+    stage = staging_dir(path)
+    try:
+        os.replace(write_hf_dir(stage / path.name, config, to_hf(tensors, config)), path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return path
+
+
+def check_destination(src: str | Path, dst: str | Path) -> None:
+    """Refuse, before any work, every destination whose writing could touch what is already there."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src or src in dst.parents:
+        raise BabyGPTError(f"{dst} is inside the source {src}; choose a destination outside it")
+    if dst in src.parents:
+        raise BabyGPTError(f"{dst} holds the source {src}; choose a new destination outside it")
+    blocker = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise BabyGPTError(f"{blocker} is a file, so {dst} cannot be made; choose another destination")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise BabyGPTError(f"{dst} exists and is not empty; choose a new destination or empty it first")
+    if dst.exists() and not dst.is_dir():
+        raise BabyGPTError(f"{dst} already exists; choose a new destination or remove it first")
+    if dst.suffix == ".pt" and dst.is_dir():
+        raise BabyGPTError(f"{dst} is a directory; a .pt destination must be a new file")
+
+
 def convert(src: str | Path, dst: str | Path, kind: str | None = None) -> Path:
+    check_destination(src, dst)
     config, tensors = load_source(src, kind)
     dst = Path(dst)
-    if dst.suffix == ".pt":
-        return save_state_dict(dst, config, tensors)
-    return write_hf_dir(dst, config, to_hf(tensors, config))
+    try:
+        if dst.suffix == ".pt":
+            return save_state_dict(dst, config, tensors)
+        return save_hf_dir(dst, config, tensors)
+    except OSError as e:  # a read-only or full disk, or something that appeared at dst meanwhile
+        raise BabyGPTError(f"cannot write {dst}: {e.strerror or e}; choose another destination") from None
 
 
 def main() -> None:

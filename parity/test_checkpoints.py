@@ -5,6 +5,7 @@ the same greedy tokens in the other.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,64 @@ def test_convert_cli(trained_runs, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """Every file and directory under `root` (the root's own files included), with its content hash."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_convert_never_touches_what_is_there(tmp_path, monkeypatch, capsys):
+    """Every destination that overlaps something existing is refused with one line, and nothing changes."""
+    config = SHAPES["nobias"]
+    runs = tmp_path / "out"
+    src = write_hf_dir(runs / "R", config, hf_part(o1_tensors(config, seed=1), config))
+    (runs / "other" / "checkpoints").mkdir(parents=True)
+    (runs / "other" / "checkpoints" / "step_000001.pt").write_bytes(b"a colleague's run")
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("unrelated")
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "old.pt").write_bytes(b"an older conversion")
+    before = checksums(tmp_path)
+    refused = {
+        "keep": "exists and is not empty",  # unrelated files at the destination
+        "out/R": "inside the source",  # onto itself
+        "out/R/hf": "inside the source",
+        "out": "holds the source",  # every run under out/
+        "file.txt/hf": "is a file, so",  # a path under a file
+        "file.txt": "already exists",  # onto an existing file
+        "old.pt": "already exists",
+    }
+    for dst, message in refused.items():
+        capsys.readouterr()
+        assert run_convert_cli(monkeypatch, str(src), str(tmp_path / dst)) == 2, dst
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (dst, err)
+        assert "Traceback" not in err and "choose" in err
+        assert checksums(tmp_path) == before, dst
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_convert_outputs_get_the_usual_mode(tmp_path, monkeypatch, umask):
+    """Not the private 0o600 / 0o700 of temporary files: 0o666 / 0o777 less the umask."""
+    config = SHAPES["nobias"]
+    src = write_hf_dir(tmp_path / "src", config, hf_part(o1_tensors(config, seed=1), config))
+    (tmp_path / "empty").mkdir()  # an empty directory is a fine destination
+    old = os.umask(umask)
+    try:
+        for dst in ("hf", "empty", "weights.pt"):
+            assert run_convert_cli(monkeypatch, str(src), str(tmp_path / dst)) == 0
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "hf", tmp_path / "empty"):
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~umask
+        for name in ("model.safetensors", "config.json"):
+            assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+        assert_bit_identical(read_hf_dir(directory)[1], read_hf_dir(src)[1])
+    assert (tmp_path / "weights.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf", "src", "weights.pt"]  # no leftovers

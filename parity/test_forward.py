@@ -138,3 +138,30 @@ def test_tolerance_catches_exact_gelu(case, monkeypatch):
         logits, _ = case["torch_model"](torch.from_numpy(case["idx"]))
     V = case["config"].vocab_size
     assert max_rel(logits.numpy()[..., :V], case["hf_logits"]) > 10 * LOGIT_RTOL
+
+
+def test_layer_norm_epsilon_of_a_transformers_directory_is_computed(tmp_path):
+    """A GPT-2 saved by transformers with layer_norm_epsilon=1e-2 loads into both backends as itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import babygpt_jax.model as jax_gpt
+    import babygpt_torch.model as torch_gpt
+
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=100)
+    hf = GPT2LMHeadModel(GPT2Config(**shape, layer_norm_epsilon=1e-2)).eval()
+    hf.save_pretrained(tmp_path)
+    idx = np.random.default_rng(0).integers(0, 100, (2, 16))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(idx)).logits.numpy()
+        torch_logits = torch_gpt.GPT.from_pretrained(tmp_path).eval()(torch.from_numpy(idx))[0].numpy()
+    jax_logits = np.asarray(jax_gpt.GPT.from_pretrained(tmp_path)(jnp.asarray(idx))[0])
+    assert torch_gpt.GPT.from_pretrained(tmp_path).config.layer_norm_epsilon == 1e-2
+    # At GPT-2's init scale the residual stream's variance is ~1e-3, so epsilon 1e-2 against 1e-5
+    # moves the logits by a large fraction of themselves; the same float32 tolerance as above.
+    assert max_rel(torch_logits[..., :100], expected) < LOGIT_RTOL
+    assert max_rel(jax_logits[..., :100], expected) < LOGIT_RTOL
+    with torch.no_grad():
+        default_eps = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+        default_eps.load_state_dict(hf.state_dict())
+        assert max_rel(default_eps(torch.from_numpy(idx)).logits.numpy(), expected) > 100 * LOGIT_RTOL

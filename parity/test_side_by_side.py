@@ -8,23 +8,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from babygpt.config import BabyGPTError
-from parity.side_by_side import (
-    CHROMIUM_FLAGS,
-    PAIRS,
-    ROOT,
-    build_site,
-    compare_pair,
-    find_chromium,
-    mirror_mismatches,
-    screenshot,
-    source_lines,
-)
+from babygpt_sbs.align import PAIRS, ROOT, compare_pair, mirror_mismatches, source_lines
+from babygpt_sbs.render import CHROMIUM_FLAGS, build_site, find_chromium, screenshot
 
 JAX_DIR, TORCH_DIR = ROOT / "babygpt_jax", ROOT / "babygpt_torch"
 PRESENT = [p for p in PAIRS if (JAX_DIR / f"{p}.py").exists() or (TORCH_DIR / f"{p}.py").exists()]
@@ -93,6 +86,27 @@ def test_site_has_every_pair_page_and_the_index(site):
     for page in site.glob("*.html"):
         text = page.read_text()
         assert "<script" not in text and "http://" not in text and "https://" not in text, page.name
+
+
+def test_style_sheet_is_the_packages_own_file(site):
+    own = resources.files("babygpt_sbs").joinpath("style.css").read_text(encoding="utf-8")
+    assert "table.sbs" in own
+    assert (site / "style.css").read_text().startswith(own)  # then pygments' colours
+
+
+def test_the_command_writes_the_same_site(site, tmp_path):
+    out = tmp_path / "side-by-side"
+    result = subprocess.run(
+        [sys.executable, "-m", "parity.side_by_side", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in site.iterdir())
+    for page in site.iterdir():
+        assert (out / page.name).read_bytes() == page.read_bytes(), page.name
 
 
 @pytest.mark.parametrize("pair", PRESENT)

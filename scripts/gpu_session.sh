@@ -27,6 +27,14 @@ nanogpt)  # the reference, timed in the same session: nanoGPT's own bench.py, GP
     (cd .nanogpt && run python3 bench.py --batch_size=32 --real_data=False --compile=True --bias=True)
   fi
   ;;
+nanogpt-curve)  # issue 19: nanoGPT's train.py and both backends, our Shakespeare split, one recipe, 300 steps
+  if [ -d .nanogpt ]; then
+    run python3 scripts/compare_nanogpt.py --out /tmp/nanogpt-curve/out --runs /tmp/nanogpt-curve/runs ${NANOGPT_CURVE_PARTS:+--parts $NANOGPT_CURVE_PARTS}
+    mkdir -p "$OUT/nanogpt-curve" && cp /tmp/nanogpt-curve/out/* "$OUT/nanogpt-curve/"
+  else
+    echo "nanogpt-curve: no .nanogpt/ here; carry a copy of nanoGPT" | tee -a "$OUT/session.log"
+  fi
+  ;;
 bench)
   run python3 -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 30 --out "$OUT/bench-124m"
   run python3 -m parity.bench --backend jax,torch --preset gpt2-medium --batch 16 --seq 1024 --steps 20 --out "$OUT/bench-350m"

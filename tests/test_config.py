@@ -70,11 +70,45 @@ def test_unknown_key_names_the_closest_valid_one(override, message):
         ("model.n_head=5", "divisible"),
         ("train.dtype=float16", "choose one of"),
         ("run.backend=tensorflow", "choose one of jax, torch"),
+        # once tracebacks or silently accepted, several making the two backends compute differently
+        ("model.n_head=0", r"model.n_head=0 must be positive"),
+        ("model.layer_norm_epsilon=0", r"model.layer_norm_epsilon=0.0 must be in \(0, 1\)"),
+        ("train.checkpoint_interval=0", r"train.checkpoint_interval=0 must be at least 1; set it above"),
+        ("train.checkpoint_interval=-1", r"train.checkpoint_interval=-1 must be at least 1"),
+        ("train.eval_interval=0", r"train.eval_interval=0 must be at least 1"),
+        ("train.log_interval=-5", r"train.log_interval=-5 must be at least 1"),
+        ("train.keep_checkpoints=-3", r"train.keep_checkpoints=-3 must be at least 1"),
+        ("train.keep_checkpoints=0", r"train.keep_checkpoints=0 must be at least 1"),
+        ("train.beta2=1.5", r"train.beta2=1.5 must be in \[0, 1\)"),
+        ("train.beta1=-0.1", r"train.beta1=-0.1 must be in \[0, 1\)"),
+        ("train.beta2=1", r"train.beta2=1.0 must be in \[0, 1\)"),
+        ("train.max_lr=nan", r"train.max_lr=nan must be a positive number"),
+        ("train.max_lr=inf", r"train.max_lr=inf must be a positive number"),
+        ("train.max_lr=-1e-3", r"train.max_lr=-0.001 must be a positive number"),
+        ("train.min_lr=inf", r"train.min_lr=inf must be a number in \[0, train.max_lr"),
+        ("train.min_lr=-1e-5", r"train.min_lr=-1e-05 must be a number in \[0, train.max_lr"),
+        ("train.grad_clip=-1", r"train.grad_clip=-1.0 must be a number >= 0 \(0 turns clipping off\)"),
+        ("train.grad_clip=nan", r"train.grad_clip=nan must be a number >= 0"),
+        ("train.eps=0", r"train.eps=0.0 must be a small positive number"),
+        ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be a number >= 0"),
+        ("train.sample_tokens=-1", r"train.sample_tokens=-1 must be >= 0"),
+        ("run.name=", r"run.name='' must be a plain directory name"),
+        ("run.name=a/b", r"run.name='a/b' must be a plain directory name"),
+        ("run.name=..", r"run.name='..' must be a plain directory name"),
+        ("data.dataset=", r"data.dataset is empty"),
     ],
 )
 def test_bad_values_are_one_clear_error(override, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         load_config(None, [override])
+    assert "\n" not in str(error.value)
+
+
+def test_the_documented_off_switches_are_accepted():
+    config = load_config(
+        None, ["train.grad_clip=0", "train.sample_tokens=0", "train.eval_steps=0", "train.beta1=0"]
+    )
+    assert (config.train.grad_clip, config.train.sample_tokens, config.train.eval_steps) == (0, 0, 0)
 
 
 def test_model_preset_sets_the_shape_and_keeps_the_context_length():
@@ -105,4 +139,13 @@ def test_missing_and_malformed_files_are_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nmax_steps = 1")
     with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    bad.write_bytes(b"[train]\nsample_prompt = '\xff\xfe'\n")  # not UTF-8
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    bad.write_text("[train]\nmax_lr = [1, 2]\n")
+    with pytest.raises(ConfigError, match="expected a single value"):
+        load_config(bad)
+    bad.write_text("[train]\nmax_lr = {a = 1}\n")
+    with pytest.raises(ConfigError, match="expected a single value"):
         load_config(bad)

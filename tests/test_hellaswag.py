@@ -1,14 +1,19 @@
-"""HellaSwag: rendering, the two accuracies, and the mirrored scorers (`babygpt_*/score.py`)."""
+"""HellaSwag: rendering, the two accuracies, the mirrored scorers (`babygpt_*/score.py`), the CLI."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.eval import hellaswag
 from babygpt.hf import hf_names, write_hf_dir
@@ -41,6 +46,18 @@ EXAMPLES = [
     dict(ctx="The cat sees", endings=["big dog", "quick fox", "the", "nothing at all"], label=2),
 ]
 ACC, ACC_NORM = 0.5, 0.75
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """A top-level script (`hellaswag.py`) as a module, wherever pytest was started from."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_script("hellaswag")
 
 
 def _hf_dir(path, config: ModelConfig, unigram: bool):
@@ -111,7 +128,7 @@ def test_render_marks_exactly_the_ending_tokens():
 
 
 def test_unigram_model_gives_the_known_losses_and_accuracies(backend, model_dirs, data_file):
-    score, block_size = hellaswag.load_scorer(model_dirs["unigram"], backend)
+    score, block_size = cli.load_scorer(model_dirs["unigram"], backend)
     examples = hellaswag.load_examples(data_file)
     tokens, mask, _ = hellaswag.pad_batch(
         [hellaswag.render_example(e, block_size) for e in examples], block_size
@@ -135,7 +152,7 @@ def test_scores_predict_each_token_from_the_previous_position(backend, model_dir
     from babygpt_torch.model import GPT
 
     reference_model = GPT.from_pretrained(model_dirs["random"]).eval()
-    score, block_size = hellaswag.load_scorer(model_dirs["random"], backend)
+    score, block_size = cli.load_scorer(model_dirs["random"], backend)
     rendered = [hellaswag.render_example(e, block_size) for e in hellaswag.load_examples(data_file)]
     tokens, mask, _ = hellaswag.pad_batch(rendered, block_size)
     total, mean = score(tokens, mask)
@@ -153,7 +170,7 @@ def test_backends_agree_on_losses_and_accuracy(model_dirs, data_file):
     examples = hellaswag.load_examples(data_file)
     results, losses = {}, {}
     for name in ("torch", "jax"):
-        score, block_size = hellaswag.load_scorer(model_dirs["random"], name)
+        score, block_size = cli.load_scorer(model_dirs["random"], name)
         tokens, mask, _ = hellaswag.pad_batch(
             [hellaswag.render_example(e, block_size) for e in examples], block_size
         )
@@ -166,7 +183,7 @@ def test_backends_agree_on_losses_and_accuracy(model_dirs, data_file):
 
 
 def test_cli_prints_both_accuracies(model_dirs, data_file):
-    command = [sys.executable, "-m", "babygpt.eval.hellaswag", "--checkpoint", str(model_dirs["unigram"])]
+    command = [sys.executable, str(ROOT / "hellaswag.py"), "--checkpoint", str(model_dirs["unigram"])]
     done = subprocess.run(
         [*command, "--backend", "torch", "--data", str(data_file)], capture_output=True, text=True
     )
@@ -180,6 +197,57 @@ def test_cli_prints_both_accuracies(model_dirs, data_file):
         missing.returncode == 2
         and missing.stderr.strip() == f"error: no such file: {data_file.parent / 'nope.jsonl'}"
     )
+
+
+def test_core_hellaswag_imports_no_backend():
+    code = "import sys, babygpt.eval.hellaswag; print(any(m.split('.')[0] in ('torch', 'jax', 'flax', 'babygpt_torch', 'babygpt_jax') for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    old_command = subprocess.run(
+        [sys.executable, "-m", "babygpt.eval.hellaswag", "--checkpoint", "x"], capture_output=True, text=True
+    )
+    assert old_command.returncode == 2 and old_command.stderr.count("\n") == 1
+    assert "python hellaswag.py" in old_command.stderr
+
+
+def test_bad_data_and_flags_are_one_line_and_change_nothing(model_dirs, tmp_path, capsys):
+    good = json.dumps(dict(ctx="a", endings=["b", "c", "d", "e"], label=1))
+    files = {
+        "malformed.jsonl": (f"{good}\n{{not json\n", "malformed.jsonl:2: not valid JSON"),
+        "list.jsonl": ('["ctx", "endings"]\n', "list.jsonl:1: not a HellaSwag example"),
+        "label.jsonl": (
+            good.replace('"label": 1', '"label": "one"') + "\n",
+            "label 'one' is not 0, 1, 2 or 3",
+        ),
+        "range.jsonl": (good.replace('"label": 1', '"label": 5') + "\n", "label 5 is not 0, 1, 2 or 3"),
+        "three.jsonl": (good.replace(', "e"]', "]") + "\n", "endings 4 strings"),
+        "empty.jsonl": ("\n", "holds no examples"),
+        "latin1.jsonl": (None, "not valid JSON"),
+    }
+    for name, (text, _) in files.items():
+        path = tmp_path / name
+        path.write_bytes(text.encode() if text is not None else b'{"ctx": "caf\xe9"}\n')
+    (tmp_path / "good.jsonl").write_text(good + "\n")
+    cases = [([f"--data={tmp_path / name}"], message) for name, (_, message) in files.items()]
+    cases += [
+        (
+            [f"--data={tmp_path / 'good.jsonl'}", "--batch-examples", "0"],
+            "--batch-examples 0: must be at least 1",
+        ),
+        ([f"--data={tmp_path / 'good.jsonl'}", "--limit", "0"], "--limit 0: must be at least 1"),
+        ([f"--data={tmp_path / 'good.jsonl'}", "--limit", "-1"], "--limit -1: must be at least 1"),
+    ]
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    for i, (args, message) in enumerate(cases):
+        backend = ("torch", "jax")[i % 2]
+        argv = ["--checkpoint", str(model_dirs["unigram"]), "--backend", backend, *args]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(functools.partial(cli.main, argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, args
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == before
 
 
 def test_download_failure_is_one_clear_line(tmp_path):

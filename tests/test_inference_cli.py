@@ -7,16 +7,19 @@ bytes are split across two tokens, which is what streaming has to get right.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from babygpt.config import ModelConfig
-from babygpt.hf import write_hf_dir
+from babygpt.hf import GPT2_FUNCTION, write_hf_dir
 from babygpt.tokenizer import EOT, get_tokenizer
 from babygpt_torch.model import GPT, hf_tensors
 
@@ -78,7 +81,8 @@ def test_interactive_session_through_a_pipe(rigged_dir):
     assert result.returncode == 0, result.stderr  # end of input leaves cleanly
     # Greedy after /temp 0, whatever the seed; two new tokens, then the whole completion.
     assert result.stdout == f"{PROMPT} smile \ufffd\n{PROMPT}{COMPLETION}\n"
-    assert "settings: SamplingSettings(temperature=0.0" in result.stderr
+    assert "now sampling with greedy (temperature 0), top-k off, top-p off, 100 new tokens" in result.stderr
+    assert "SamplingSettings(" not in result.stderr  # said in words, not as a dataclass repr
     assert "error: temperature must be >= 0" in result.stderr  # a bad command keeps the session
     assert "error: unknown command /bogus" in result.stderr
     assert "6 tokens in " in result.stderr.splitlines()[-1]
@@ -118,3 +122,110 @@ def test_run_directory_without_export_names_the_fix(tmp_path):
     result = run("--checkpoint", str(tmp_path), "--prompt", "Hi")
     assert result.returncode == 2
     assert "has no model.safetensors + config.json; the run has not exported its model yet" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def transformers_dir(tmp_path_factory) -> Path:
+    """A real Hugging Face GPT-2 directory, written by transformers itself: the full vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("transformers") / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16)).save_pretrained(path)
+    return path
+
+
+def _set(**fields) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **fields}))
+
+    return edit
+
+
+def _untied_lm_head(path: Path) -> None:
+    """What transformers saves for tie_word_embeddings=false, minus the config field that says so."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1.0
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _truncate(path: Path) -> None:
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+# One bad directory each: what is wrong with it, and the words of the one line that says so.
+BAD_DIRECTORIES = {
+    "malformed-config": (lambda p: (p / "config.json").write_text('{"n_layer": 1,'), "is not valid JSON"),
+    "config-not-an-object": (lambda p: (p / "config.json").write_text("[1, 2]"), "not a JSON object"),
+    "n_head-does-not-divide": (_set(n_head=3), "n_embd=32 is not divisible by n_head=3"),
+    "config-does-not-fit-weights": (_set(n_embd=64), "do not fit the model: transformer.wte.weight"),
+    "missing-field": (_set(n_layer=None), "n_layer must be a positive integer"),
+    "truncated-weights": (_truncate, "is not a readable safetensors file"),
+    "random-bytes-weights": (
+        lambda p: (p / "model.safetensors").write_bytes(bytes(range(256)) * 8),
+        "is not a readable safetensors file",
+    ),
+    "untied-lm-head": (_untied_lm_head, "has an lm_head.weight of its own"),
+    "n_inner": (_set(n_inner=100), "sets n_inner=100"),
+    **{
+        f"{key}": (_set(**{key: value}), f"sets {key}={json.dumps(value)}")
+        for key, value in [
+            ("activation_function", "gelu"),
+            ("scale_attn_by_inverse_layer_idx", True),
+            ("scale_attn_weights", False),
+            ("tie_word_embeddings", False),
+            ("reorder_and_upcast_attn", True),
+            ("add_cross_attention", True),
+        ]
+    },
+}
+
+
+def _checksums(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("case", list(BAD_DIRECTORIES))
+def test_a_directory_that_cannot_be_computed_is_refused_in_one_line(transformers_dir, tmp_path, case):
+    edit, message = BAD_DIRECTORIES[case]
+    bad = tmp_path / "model"
+    shutil.copytree(transformers_dir, bad)
+    edit(bad)
+    before = _checksums(bad)
+    for flag, backend in (("--checkpoint", "jax"), ("--model-path", "torch")):
+        result = run(flag, str(bad), "--backend", backend, "--prompt", PROMPT, "--max-tokens", "2")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout == ""
+    assert _checksums(bad) == before  # nothing touched
+
+
+def test_every_refused_function_field_has_a_case():
+    assert set(GPT2_FUNCTION) <= set(BAD_DIRECTORIES)
+
+
+def test_a_transformers_directory_samples_the_same_in_both_backends(transformers_dir):
+    outputs = set()
+    for backend in ("jax", "torch"):
+        args = ["--checkpoint", str(transformers_dir), "--backend", backend, "--prompt", PROMPT]
+        result = run(*args, "--temperature", "0", "--max-tokens", "5")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(PROMPT)
+        outputs.add(result.stdout)
+    assert len(outputs) == 1  # greedy: the same text from both
+
+
+def test_a_model_of_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    result = run("--checkpoint", str(tmp_path), "--prompt", PROMPT)  # "Hi" is token 17250
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "holds a model of 100 tokens, fewer than GPT-2's tokenizer's 50257" in result.stderr

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from babygpt.config import ModelConfig
-from babygpt_jax.model import GPT
+from babygpt_jax.model import GPT, RematBlock
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, vocab_multiple=64)
 
@@ -113,18 +113,33 @@ def test_bfloat16_compute_keeps_float32_params(model, forward):
 
 def test_remat_computes_the_same_loss_and_gradients(model):
     idx = _tokens(2, 16, seed=4)
+    remat = GPT(TINY, rngs=nnx.Rngs(0), remat=True)  # the same draws: the same weights as `model`
+    assert isinstance(remat.transformer.h[0], RematBlock)
+    assert not isinstance(model.transformer.h[0], RematBlock)
 
     @nnx.jit
     def loss_and_grads(m):
         return nnx.value_and_grad(lambda m: m(idx, idx)[1])(m)
 
     loss, grads = loss_and_grads(model)
-    model.remat = True
-    try:
-        remat_loss, remat_grads = loss_and_grads(model)
-    finally:
-        model.remat = False
+    remat_loss, remat_grads = loss_and_grads(remat)
     # Recomputation replays the same float32 ops: equal up to XLA fusion differences.
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_implementation_is_chosen_at_construction(model):
+    # On CPU (the tests' backend) XLA's path; cuDNN only for half precision on a GPU.
+    assert jax.default_backend() == "cpu"
+    assert {block.attn.implementation for block in model.transformer.h} == {"xla"}
+    bf16 = GPT(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    assert bf16.transformer.h[0].attn.implementation == "xla"
+
+
+def test_rngs_are_explicit():
+    with pytest.raises(TypeError, match="rngs"):
+        GPT(TINY)  # no hidden nnx.Rngs(0): the caller says where the randomness comes from
+    a, b = (nnx.state(GPT(TINY, rngs=nnx.Rngs(seed)), nnx.Param) for seed in (1, 2))
+    wte = (a["transformer"]["wte"]["embedding"][...], b["transformer"]["wte"]["embedding"][...])
+    assert not np.array_equal(*wte)  # the seed is the caller's

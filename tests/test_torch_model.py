@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from babygpt.config import ModelConfig
 from babygpt.flops import num_params
-from babygpt_torch.model import GPT
+from babygpt_torch.model import GPT, RematBlock
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,33 @@ def test_init_statistics_are_gpt2s():
             assert torch.equal(p, torch.zeros_like(p)), name
         else:
             raise AssertionError(f"unexpected parameter {name}")
+
+
+def _module_wise_init(model: GPT) -> None:
+    """The init before it went by parameter name: nanoGPT's `apply` over modules, c_proj found by identity."""
+    projections = {id(m) for b in model.transformer.h for m in (b.attn.c_proj, b.mlp.c_proj)}
+
+    def init(module):
+        if isinstance(module, nn.Linear):
+            std = 0.02 * ((2 * model.config.n_layer) ** -0.5 if id(module) in projections else 1.0)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    model.apply(init)
+
+
+def test_init_by_name_draws_the_weights_module_wise_init_drew(monkeypatch):
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
+    torch.manual_seed(3)
+    by_name = GPT(config)
+    monkeypatch.setattr(GPT, "_init_weights", _module_wise_init)
+    torch.manual_seed(3)
+    module_wise = GPT(config)
+    for (name, a), b in zip(by_name.state_dict().items(), module_wise.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # bit for bit: the same draws in the same order
 
 
 def test_lm_head_is_tied_to_wte(model):
@@ -104,3 +132,33 @@ def test_kv_cache_decode_equals_full_forward(model):
     decoded = torch.cat(steps, dim=1)
     # same math, different summation order in attention over the cache: float32 rounding only
     torch.testing.assert_close(decoded[..., :100], full[..., :100], rtol=1e-5, atol=1e-5)
+
+
+def test_remat_computes_the_same_loss_and_gradients(model):
+    remat = GPT(model.config, remat=True).eval()
+    remat.load_state_dict(model.state_dict())
+    assert isinstance(remat.transformer.h[0], RematBlock)
+    assert not isinstance(model.transformer.h[0], RematBlock)
+    idx = torch.randint(0, 100, (2, 16))
+    losses, grads = [], []
+    for m in (model, remat):
+        m.zero_grad()
+        _, loss = m(idx, idx)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in m.parameters()])
+    # Recomputation replays the same float32 ops in the same order: equal bit for bit.
+    assert losses[0] == losses[1]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_non_contiguous_targets_are_accepted(model):
+    idx = torch.randint(0, 100, (2, 16))
+    targets = torch.randint(0, 100, (16, 2)).T  # a transposed view, as transformers accepts
+    assert not targets.is_contiguous()
+    _, loss = model(idx, targets)
+    _, expected = model(idx, targets.contiguous())
+    assert loss.item() == expected.item()

@@ -5,14 +5,14 @@ GPT-2 reproductions render it (karpathy/build-nanogpt). A backend's `score.py` (
 `babygpt_jax` mirror each other) returns each row's summed and mean loss over the ending tokens;
 `acc` picks the lowest sum, `acc_norm` the lowest mean, the number those reproductions report
 (GPT-2 124M: about 0.294; lm-eval-harness normalizes by bytes instead and reports other numbers).
+The command line and the loading of a backend's model live in the top-level `hellaswag.py`, since
+the core imports no backend:
 
-python -m babygpt.eval.hellaswag --checkpoint out/<run> [--backend jax|torch] [--data PATH] [--limit N]
+python hellaswag.py --checkpoint out/<run> [--backend jax|torch] [--data PATH] [--limit N]
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
 import math
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from babygpt.config import BACKENDS, BabyGPTError
+from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
 from babygpt.tokenizer import get_tokenizer
 
@@ -62,24 +62,47 @@ def download(path: str | Path, url: str = HELLASWAG_URL, timeout: float = 30) ->
 
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The official jsonl: `ctx`, four `endings`, `label` (other fields ignored)."""
+    """The official jsonl: `ctx`, four `endings`, `label` 0-3 (other fields ignored).
+
+    Every line is checked as it is read, so a damaged file is one line naming the line at fault.
+    """
     path = Path(path)
     if not path.exists():
         if path.name != DEFAULT_DATA.name:
             raise BabyGPTError(f"no such file: {path}")
         download(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            row = json.loads(line)
-            if not {"ctx", "endings", "label"} <= row.keys() or len(row["endings"]) != 4:
-                raise BabyGPTError(f"{path}:{n}: not a HellaSwag example (needs ctx, 4 endings, label)")
-            examples.append(row)
+            examples.append(_example(raw, f"{path}:{n}"))
             if limit is not None and len(examples) == limit:
                 break
+    if not examples:
+        raise BabyGPTError(f"{path} holds no examples; point --data at the HellaSwag jsonl")
     return examples
+
+
+def _example(raw: bytes, where: str) -> dict:
+    fix = "each line must be a JSON object with ctx, 4 endings and a label 0-3"
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise BabyGPTError(f"{where}: not valid JSON ({reason}); {fix}") from None
+    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= row.keys():
+        raise BabyGPTError(f"{where}: not a HellaSwag example; {fix}")
+    endings, label = row["endings"], row["label"]
+    if not isinstance(row["ctx"], str) or not (
+        isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+    ):
+        raise BabyGPTError(f"{where}: ctx must be a string and endings 4 strings; {fix}")
+    if isinstance(label, str) and label.strip().isdigit():  # some copies store the label as text
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+        raise BabyGPTError(f"{where}: label {row['label']!r} is not 0, 1, 2 or 3; {fix}")
+    return {**row, "label": label}
 
 
 def render_example(example: dict, block_size: int) -> Example:
@@ -129,40 +152,11 @@ def evaluate(score: ScoreFn, examples: Sequence[dict], block_size: int, batch_ex
     return accuracy(np.concatenate(sums), np.concatenate(means), np.concatenate(labels))
 
 
-def load_scorer(checkpoint: str | Path, backend: str) -> tuple[ScoreFn, int]:
-    """A backend's model from a run directory or any HF GPT-2 directory, and its context window."""
-    if backend not in BACKENDS:
-        raise BabyGPTError(f"unknown backend {backend!r}; choose --backend=jax or --backend=torch")
-    model = importlib.import_module(f"babygpt_{backend}.model").GPT.from_pretrained(checkpoint)
-    score = importlib.import_module(f"babygpt_{backend}.score")
-    model = score.prepare_model(model)
-    return (lambda tokens, mask: score.completion_losses(model, tokens, mask)), model.config.block_size
+if __name__ == "__main__":  # the old entry point: the command moved out of the core with the model loading
+    import sys
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--checkpoint", "--model-path", required=True, help="a run directory or HF GPT-2 directory"
-    )
-    parser.add_argument("--backend", default="jax", help="jax (default) or torch")
-    parser.add_argument(
-        "--data", default=str(DEFAULT_DATA), help=f"HellaSwag jsonl (default: {DEFAULT_DATA})"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    parser.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass (x4 rows)")
-    args = parser.parse_args()
-    examples = load_examples(args.data, args.limit)
-    score, block_size = load_scorer(args.checkpoint, args.backend)
-    result = evaluate(score, examples, block_size, args.batch_examples)
     print(
-        f"hellaswag ({result['n']} examples, {args.backend}): acc {result['acc']:.4f}"
-        f"  acc_norm {result['acc_norm']:.4f}"
+        "error: run HellaSwag with `python hellaswag.py --checkpoint ...` from the repository root",
+        file=sys.stderr,
     )
-
-
-if __name__ == "__main__":
-    from babygpt.cli import run_cli
-
-    run_cli(main)
+    sys.exit(2)
