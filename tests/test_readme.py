@@ -51,22 +51,55 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line, ""
 
 
+TRAINS = re.compile(r"(^|\s)(train\.py|-m parity\.compare)(\s|$)")  # python, torchrun, env-prefixed
+MAKE_ARGS = re.compile(r"""\bARGS=(?:'([^']*)'|"([^"]*)"|(\S+))""")
+
+
 def with_tiny_steps(command: str) -> str:
     """The command as written, plus tiny step counts where it trains."""
     if command.startswith("make train"):
-        return f"{command} ARGS='{TINY}'"
-    if (
-        command.startswith(("python train.py", "python -m parity.compare"))
-        and "--config configs/fine" not in command
-    ):
+        given = MAKE_ARGS.search(command)
+        if given is None:
+            return f"{command} ARGS='{TINY}'"
+        args = next(g for g in given.groups() if g is not None)  # make keeps only the last ARGS=
+        return f"{command[: given.start()]}ARGS='{args} {TINY}'{command[given.end() :]}"
+    if TRAINS.search(command):
         return f"{command} {TINY}"
     return command
+
+
+def missing_files(command: str, repo: Path) -> list[str]:
+    """The repository files a command names (scripts, `-m` modules, configs) that do not exist:
+    checked for every command, so a stale name fails the walk even where it cannot run here."""
+    words = command.split()
+    missing = []
+    for i, word in enumerate(words):
+        if i and words[i - 1] == "-m":
+            module = repo / word.replace(".", "/")
+            if not (module.with_suffix(".py").is_file() or (module / "__main__.py").is_file()):
+                if not word.startswith(("pytest", "pip", "torch.")):
+                    missing.append(f"-m {word}")
+        elif re.fullmatch(r"[\w./-]+\.(py|toml)", word) and not word.startswith(("out/", "data/")):
+            if not (repo / word).is_file():
+                missing.append(word)
+    return missing
 
 
 def test_readme_markers_parse():
     commands = readme_commands("```bash\nmake train   # trains\npython -m x 'a # b'  # needs: GPU\n```\n")
     assert commands == [("make train", "# trains"), ("python -m x 'a # b'", "# needs: GPU")]
     assert with_tiny_steps("make train BACKEND=torch") == f"make train BACKEND=torch ARGS='{TINY}'"
+    assert with_tiny_steps("make train ARGS='run.name=q' X=1") == f"make train ARGS='run.name=q {TINY}' X=1"
+    assert with_tiny_steps("make train ARGS=--resume") == f"make train ARGS='--resume {TINY}'"
+    assert (
+        with_tiny_steps("A=1 torchrun --nproc_per_node=2 train.py")
+        == f"A=1 torchrun --nproc_per_node=2 train.py {TINY}"
+    )
+    assert with_tiny_steps("python prepare.py text x.txt") == "python prepare.py text x.txt"
+    assert missing_files("python -m parity.nothing configs/nothing.toml train.py", ROOT) == [
+        "-m parity.nothing",
+        "configs/nothing.toml",
+    ]
 
 
 def test_every_readme_command_runs_in_order(tmp_path):
@@ -80,23 +113,37 @@ def test_every_readme_command_runs_in_order(tmp_path):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)  # mtimes kept: make sees the venv as up to date
     (repo / ".venv").symlink_to(venv)
+    # The walk uses the virtualenv it is given (installing is `make test`'s part): make must not
+    # take a pyproject.toml edited since that install for a reason to reinstall into it.
+    installed = (venv / "bin" / ".installed").stat().st_mtime
+    pyproject = repo / "pyproject.toml"
+    if pyproject.stat().st_mtime > installed:
+        os.utime(pyproject, (installed, installed))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     env["VIRTUAL_ENV"] = str(venv)
     skipped, ran = [], []
     for command, comment in readme_commands((repo / "README.md").read_text()):
+        assert not missing_files(command, repo), f"the README names files that do not exist: {command}"
         if MARKER.search(comment) or command.startswith(("make test", "pytest", "source ")):
             skipped.append(command)
             continue
         line = with_tiny_steps(command)
         result = subprocess.run(
-            ["bash", "-c", line], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+            ["bash", "-c", line],
+            cwd=repo,
+            env=env,
+            stdin=subprocess.DEVNULL,  # an interactive command gets end-of-input, as from `< /dev/null`
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, (
             f"README command failed (exit {result.returncode}): {line}\n"
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
         assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
+        print(f"ran: {line}")
         ran.append(command)
     print(f"ran {len(ran)} README commands; marked as needing more than this CPU: {len(skipped)}")
     assert len(ran) >= 8, ran  # the walk must cover the Quickstart, Train, Sample and Parity blocks
