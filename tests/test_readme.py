@@ -122,7 +122,7 @@ def test_every_readme_command_runs_in_order(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     env["VIRTUAL_ENV"] = str(venv)
-    skipped, ran = [], []
+    skipped, ran, printed = [], [], {}
     for command, comment in readme_commands((repo / "README.md").read_text()):
         assert not missing_files(command, repo), f"the README names files that do not exist: {command}"
         if MARKER.search(comment) or command.startswith(("make test", "pytest", "source ")):
@@ -145,5 +145,13 @@ def test_every_readme_command_runs_in_order(tmp_path):
         assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
         print(f"ran: {line}")
         ran.append(command)
+        printed.setdefault(command, []).append(result.stdout + result.stderr)
     print(f"ran {len(ran)} README commands; marked as needing more than this CPU: {len(skipped)}")
     assert len(ran) >= 8, ran  # the walk must cover the Quickstart, Train, Sample and Parity blocks
+    # `make train`, `make train BACKEND=torch`: two runs side by side; `make train` again says that
+    # it continues the first, which is finished, and samples from it.
+    assert (repo / "out/shakespeare-jax/model.safetensors").is_file()
+    assert (repo / "out/shakespeare-torch/model.safetensors").is_file()
+    first, again = printed["make train"][:2]
+    assert "already holds a run" not in first and "sample from it with" in first
+    assert "out/shakespeare-jax already holds a run" in again and "finished at step 4" in again
