@@ -10,8 +10,8 @@ BACKEND ?= jax
 ARGS ?=
 # make train's run: configs/shakespeare.toml's runs are named shakespeare-<backend>.
 RUN := out/shakespeare-$(BACKEND)
-# ARGS that name another run, another preset or --resume leave the choice of run to train.py.
-OTHER_RUN := $(strip $(foreach word,run.name= run.out_dir= --config --resume,$(findstring $(word),$(ARGS))))
+# ARGS that name another run, preset or backend, or --resume, leave the choice of run to train.py.
+OTHER_RUN := $(strip $(foreach word,run. --config --backend --resume,$(findstring $(word),$(ARGS))))
 
 .PHONY: train test lint format side-by-side clean distclean
 
