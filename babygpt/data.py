@@ -135,6 +135,8 @@ def ensure_dataset(config: Config) -> Path:
             raise BabyGPTError(
                 f"cannot prepare {data_dir} ({e.strerror}); set data.data_dir to a writable directory"
             ) from None
+    for split in SPLITS:
+        list_shards(data_dir, split)
     check_vocab(config)  # every shard opens, and its tokens fit the model
     return data_dir
 

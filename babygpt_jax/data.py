@@ -81,6 +81,10 @@ class GrainLoader:
         self.position += self.micro_steps
         return x, y
 
+    def read(self, samples) -> tuple[np.ndarray, np.ndarray]:
+        """The given samples of the order as one micro-step: x, y int32 of shape (1, len(samples), T)."""
+        return self._split(self.source.windows.take(samples)[None])  # from (1, rows, T+1)
+
     def reset(self) -> None:
         self.load_state_dict({"samples": 0})
 
@@ -100,8 +104,8 @@ class GrainLoader:
 def make_loaders(
     config: Config, plan: BatchPlan, process_index: int, local_devices: int
 ) -> tuple[GrainLoader, GrainLoader]:
-    """Train (seeded shuffle, whole steps) and validation (file order, one micro-step per batch;
-    `evaluate` rewinds it each time). Process p reads rows p*L*B .. (p+1)*L*B-1 of each micro-step."""
+    """Train (seeded shuffle, whole steps) and validation (file order; `evaluate` reads the samples
+    `validation_batches` names). Process p reads rows p*L*B .. (p+1)*L*B-1 of each micro-step."""
     data_dir = dataset_dir(config)
     T, seed = config.model.block_size, config.train.seed
     train = TokenWindows.from_dir(data_dir, "train", T, seed)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
-from babygpt.data import ensure_dataset
+from babygpt.data import ensure_dataset, eval_sequences, validation_batches
 from babygpt.flops import peak_flops
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
 from babygpt_jax import parallel
@@ -33,7 +33,7 @@ from babygpt_jax.checkpoint import (
 )
 from babygpt_jax.data import GrainLoader, make_loaders
 from babygpt_jax.generate import generate
-from babygpt_jax.model import GPT, load_hf_tensors
+from babygpt_jax.model import GPT, cross_entropy, load_hf_tensors
 from babygpt_jax.optim import lr_schedule, make_optimizer
 
 
@@ -103,28 +103,28 @@ def make_train_step(graphdef, rest, optimizer, schedule, mesh: Mesh, state_shard
     )
 
 
-def eval_step(params, x, y, *, graphdef, rest):
-    """The mean loss of one validation micro-batch, x, y: (1, B, T), dropout off."""
+def eval_step(params, x, y, weights, *, graphdef, rest):
+    """Sum of weight x mean loss of each sequence of x, y (1, rows, T), weights (1, rows); no dropout."""
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
-    _, loss = model(x[0], y[0])
-    return loss
+    logits, _ = model(x[0])  # (rows, T, V)
+    return jnp.sum(jax.vmap(cross_entropy)(logits, y[0]) * weights[0])  # over every device's rows
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest, mesh: Mesh, param_sharding):
     step = functools.partial(eval_step, graphdef=graphdef, rest=rest)
-    batch = parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(param_sharding, batch, batch), out_shardings=parallel.replicated(mesh))
+    batch = (parallel.batch_sharding(mesh),) * 3  # x, y, weights
+    return jax.jit(step, in_shardings=(param_sharding, *batch), out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(step_fn, params, val_loader: GrainLoader, steps: int, sharding: NamedSharding) -> float:
-    """Mean loss over the first `steps` validation micro-batches (the same ones every time)."""
-    val_loader.reset()
+def evaluate(step_fn, params, val_loader: GrainLoader, sequences: int, sharding: NamedSharding) -> float:
+    """Mean loss over validation samples 0 .. sequences-1: the same sequences on any device count."""
     total = jnp.zeros(())
-    for _ in range(steps):
-        x, y = val_loader.next_batch()
-        total += step_fn(params, *parallel.make_global_batch((x, y), sharding))
-    return float(total) / max(steps, 1)
+    rows = (val_loader.plan.rows_per_micro_step, val_loader.first_row, val_loader.count)
+    for samples, weights in validation_batches(sequences, *rows):  # this process's rows; padding weighs 0
+        x, y, w = parallel.make_global_batch((*val_loader.read(samples), weights[None]), sharding)
+        total += step_fn(params, x, y, w)  # weight x each sequence's mean loss, summed over all rows
+    return float(total) / sequences
 
 
 def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, fsdp: bool, seed: int):
@@ -167,6 +167,7 @@ def _train(config: Config) -> dict:
         optimizer = make_optimizer(t)
         graphdef, rest, state, sharding = init_state(model, optimizer, mesh, t.fsdp, t.seed)
         train_loader, val_loader = make_loaders(config, plan, jax.process_index(), jax.local_device_count())
+        val_sequences = eval_sequences(config, len(val_loader.source))  # 0: evaluation off
         if resume_step is not None:
             restored = restore_checkpoint(run.path, state.params, state.opt_state, state.rng, config.model)
             step = parallel.put_global(np.int32(restored["step"]), parallel.replicated(mesh))
@@ -200,7 +201,7 @@ def _train(config: Config) -> dict:
             to_host=lambda metrics: {k: float(v) for k, v in jax.device_get(metrics).items()},
             finite=lambda state: parallel.all_finite(state.params),
             save=save,
-            evaluate=lambda state: evaluate(eval_fn, state.params, val_loader, t.eval_steps, batches),
+            evaluate=lambda state: evaluate(eval_fn, state.params, val_loader, val_sequences, batches),
             sample=sample,
             peak_memory=lambda: device.memory_stats()["peak_bytes_in_use"] / 2**30 if gpu else None,
             description=f"{model.num_params():,} parameters | {jax.device_count()} x {device.platform}"

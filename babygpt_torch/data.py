@@ -40,6 +40,12 @@ class DataLoaderLite:
         x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
         return x.contiguous(), y.contiguous()
 
+    def read(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """The given samples of the order as one micro-step: x, y int64 of shape (1, len(samples), T)."""
+        tokens = torch.from_numpy(self.windows.take(samples)[None]).long()  # (1, rows, T+1)
+        x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
+        return x.contiguous(), y.contiguous()
+
     def reset(self) -> None:
         self.load_state_dict({"samples": 0})
 
@@ -56,8 +62,8 @@ class DataLoaderLite:
 
 
 def make_loaders(config: Config, plan: BatchPlan, rank: int) -> tuple[DataLoaderLite, DataLoaderLite]:
-    """Train (seeded shuffle, whole steps) and validation (file order, one micro-step per batch;
-    `evaluate` rewinds it each time). Rank r reads rows r*B .. (r+1)*B-1 of each micro-step."""
+    """Train (seeded shuffle, whole steps) and validation (file order; `evaluate` reads the samples
+    `validation_batches` names). Rank r reads rows r*B .. (r+1)*B-1 of each micro-step."""
     data_dir = dataset_dir(config)
     T, seed = config.model.block_size, config.train.seed
     train = TokenWindows.from_dir(data_dir, "train", T, seed)

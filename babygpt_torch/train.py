@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
-from babygpt.data import ensure_dataset
+from babygpt.data import ensure_dataset, eval_sequences, validation_batches
 from babygpt.flops import peak_flops
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
 from babygpt_torch import parallel
@@ -78,18 +79,19 @@ def train_step(state: TrainState, batch: dict, *, autocast_dtype: torch.dtype, g
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_loader: DataLoaderLite, steps: int, autocast_dtype, dist) -> float:
-    """Mean loss over the first `steps` validation micro-batches (the same ones every time)."""
+def evaluate(model: nn.Module, val_loader: DataLoaderLite, sequences: int, autocast_dtype, dist) -> float:
+    """Mean loss over validation samples 0 .. sequences-1: the same sequences on any process count."""
     model.eval()
-    val_loader.reset()
     total = torch.zeros((), device=dist.device)
-    for _ in range(steps):
-        x, y = val_loader.next_batch()
+    rows = (val_loader.plan.rows_per_micro_step, val_loader.first_row, val_loader.count)
+    for samples, weights in validation_batches(sequences, *rows):  # this process's rows; padding weighs 0
+        x, y, w = parallel.make_global_batch((*val_loader.read(samples), torch.tensor(weights[None])), dist)
         with _autocast(dist.device, autocast_dtype):
-            _, loss = model(*(t[0] for t in parallel.make_global_batch((x, y), dist)))
-        total += loss.float()
+            logits, _ = model(x[0])  # (rows, T, V)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y[0], reduction="none")  # (rows, T)
+        total += (losses.mean(1) * w[0]).sum()  # weight x each sequence's mean loss, summed over rows
     model.train()
-    return parallel.all_reduce_mean(total / max(steps, 1)).item()
+    return (parallel.all_reduce_mean(total) * dist.world_size).item() / sequences  # summed over processes
 
 
 def init_state(model: GPT, config: Config, dist: parallel.Dist) -> TrainState:
@@ -131,6 +133,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
         host_copy = parallel.make_host_copy(model, dist, t.fsdp)  # before FSDP2 shards it
         state = init_state(model, config, dist)
         train_loader, val_loader = make_loaders(config, plan, dist.rank)
+        val_sequences = eval_sequences(config, len(val_loader.windows))  # 0: evaluation off
         if resume_step is not None:
             restored = restore_checkpoint(run.path, model, state.optimizer, state.scheduler)
             _set_rng_state(restored["rng"])
@@ -165,7 +168,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
             to_host=lambda metrics: {k: float(v) for k, v in metrics.items()},
             finite=lambda state: parallel.all_finite(model),
             save=save,
-            evaluate=lambda state: evaluate(state.model, val_loader, t.eval_steps, autocast_dtype, dist),
+            evaluate=lambda state: evaluate(state.model, val_loader, val_sequences, autocast_dtype, dist),
             sample=sample,
             peak_memory=lambda: torch.cuda.max_memory_allocated(dist.device) / 2**30 if cuda else None,
             description=f"{model.num_params():,} parameters | {dist.world_size} x {dist.device.type}",

@@ -186,8 +186,10 @@ def test_generate_gives_a_row_per_backend_and_batch_size(generate_run):
         (["--backend", " , "], "name at least one of jax, torch"),
         (["--preset", "nope"], "unknown model preset 'nope'"),
         (["--batch", "2,x"], "--batch '2,x': expected integers separated by commas"),
-        (["--steps", "0"], "--steps and --profile-steps must be at least 1"),
-        (["--profile", "prof", "--profile-steps", "0"], "--steps and --profile-steps must be at least 1"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--profile", "prof", "--profile-steps", "0"], "--profile-steps 0: must be at least 1"),
+        (["--seq", "0"], "--seq 0: must be at least 1"),
+        (["--batch", "4,0"], "--batch 0: must be at least 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):

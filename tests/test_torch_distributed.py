@@ -40,9 +40,12 @@ def _with(config: Config, section: str = "train", **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _records(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+    return {r["step"]: r for r in _lines(run_dir) if "loss" in r}
 
 
 def _command(config: Config, *args: str, torchrun: bool = True) -> list[str]:
@@ -191,6 +194,11 @@ def test_fsdp2_over_two_processes_matches_one_process(fsdp_run):
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
         # clip_grad_norm_ over DTensor shards must report (and clip by) the global norm
         assert got[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5)
+    # Two ranks evaluate the same validation sequences as one (babygpt.data.validation_batches).
+    val = [{r["step"]: r["val_loss"] for r in _lines(d) if "val_loss" in r} for d in (single, fsdp)]
+    assert sorted(val[0]) == sorted(val[1]) == [2, 4]
+    for step in val[1]:
+        assert val[1][step] == pytest.approx(val[0][step], rel=1e-5)
     a, b = load_file(single / "model.safetensors"), load_file(fsdp / "model.safetensors")
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5, err_msg=name)
