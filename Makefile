@@ -1,12 +1,19 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   creates .venv on first use, trains on the bundled Shakespeare, prints a sample
 #   make test    creates .venv on first use, runs the unit tests and the parity tests
+# make train BACKEND=torch trains the same run in PyTorch; ARGS='...' passes options and overrides
+# to train.py (ARGS='train.max_steps=100 run.name=quick').
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BACKEND ?= jax
+ARGS ?=
+# make train's run: configs/shakespeare.toml's runs are named shakespeare-<backend>.
+RUN := out/shakespeare-$(BACKEND)
+# ARGS that name another run, preset or backend, or --resume, leave the choice of run to train.py.
+OTHER_RUN := $(strip $(foreach word,run. --config --backend --resume,$(findstring $(word),$(ARGS))))
 
-.PHONY: train test lint format side-by-side clean
+.PHONY: train test lint format side-by-side clean distclean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +23,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# A second `make train` continues the run it made (a finished run is only sampled).
+RESUME = $(if $(OTHER_RUN),,$(if $(wildcard $(RUN)/model.safetensors),--resume))
+CONTINUING := $(RUN) already holds a run, so this continues it (--resume; a finished run is only \
+	sampled). make train ARGS=run.name=NAME trains another; make clean deletes out/.
 train: $(BIN)/.installed
-	$(BIN)/python train.py --backend=$(BACKEND)
+	$(if $(RESUME),@echo "$(CONTINUING)")
+	$(BIN)/python train.py --backend=$(BACKEND) $(RESUME) $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests parity
@@ -31,5 +43,9 @@ format: $(BIN)/.installed
 side-by-side: $(BIN)/.installed
 	$(BIN)/python -m parity.side_by_side
 
+# clean deletes the runs and the prepared data; distclean also the virtualenv.
 clean:
-	rm -rf $(VENV) out data
+	rm -rf out data
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Sample text from a trained run or a Hugging Face GPT-2 directory, with either backend.
 
-python inference.py --checkpoint out/shakespeare [--backend jax|torch] --prompt "to be or not to be"
+python inference.py --checkpoint out/shakespeare-jax [--backend jax|torch] --prompt "to be or not to be"
     [--max-tokens 100] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--num-samples 1]
     [--stream] [--interactive] [--compile]
 

@@ -104,7 +104,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "shakespeare"
+    name: str | None = None  # None: `<preset>-<backend>` (see default_run_name)
     out_dir: str = "out"
     resume: bool = False
     backend: str = "jax"
@@ -232,7 +232,7 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"train.dtype={t.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not config.data.dataset.strip():
         raise ConfigError("data.dataset is empty; name a dataset under data.data_dir, e.g. shakespeare")
-    if not r.name.strip() or r.name in (".", "..") or any(sep in r.name for sep in "/\\"):
+    if r.name is None or not r.name.strip() or r.name in (".", "..") or any(sep in r.name for sep in "/\\"):
         raise ConfigError(
             f"run.name={r.name!r} must be a plain directory name (the run goes to run.out_dir/run.name);"
             " set run.out_dir for another place"
@@ -251,8 +251,20 @@ def require_positive(option: str, value: int) -> int:
     return value
 
 
+def preset_name(path: str | Path | None) -> str:
+    """A preset's name: its file name without .toml (`run` for no file)."""
+    return Path(path).stem if path is not None else "run"
+
+
+def default_run_name(path: str | Path | None, backend: str) -> str:
+    """The run's name when neither the preset nor an override gives one: the preset's name and the
+    backend, e.g. shakespeare-jax, so that the two backends' runs of one preset sit side by side."""
+    return f"{preset_name(path)}-{backend}"
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
+    """Defaults, then the TOML file, then each `section.key=value` override, then the run's name
+    where none was given (`default_run_name`), then validation."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -275,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not dot:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         config = _apply(config, section.strip(), key.strip(), value.strip(), f"override {item!r}")
+    if config.run.name is None:
+        run = dataclasses.replace(config.run, name=default_run_name(path, config.run.backend))
+        config = dataclasses.replace(config, run=run)
     return validate(config)
 
 

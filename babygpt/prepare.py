@@ -186,8 +186,9 @@ def tokenize_stream(
         yield from map(tokenize, documents)
         return
     # imap keeps document order (the shards must not depend on the worker count) and the pipe to
-    # the workers bounds how far reading can run ahead of tokenizing.
-    with multiprocessing.Pool(workers) as pool:
+    # the workers bounds how far reading can run ahead of tokenizing. Spawned, not forked: a caller
+    # may have JAX or torch loaded, whose threads a fork would copy mid-lock (a deadlock).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap(tokenize, documents, chunksize=_CHUNKSIZE)
 
 

@@ -46,6 +46,14 @@ def test_overrides_apply_after_the_file_with_the_field_types():
     assert config.train.min_lr is None and config.train.final_lr == pytest.approx(1e-4)
 
 
+def test_a_presets_runs_are_named_after_it_and_the_backend_unless_named():
+    # so that `make train` and `make train BACKEND=torch` leave two runs side by side
+    assert load_config(SHAKESPEARE).run_dir == Path("out/shakespeare-jax")
+    assert load_config(SHAKESPEARE, ["run.backend=torch"]).run.name == "shakespeare-torch"
+    assert load_config(SHAKESPEARE, ["run.name=x", "run.backend=torch"]).run.name == "x"
+    assert load_config(None).run.name == "run-jax"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

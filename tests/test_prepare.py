@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,15 @@ def snapshot(data_dir: Path) -> dict[str, bytes]:
 
 
 def test_parallel_tokenization_equals_serial(documents, serial_stream):
-    parallel = list(tokenize_stream(documents, workers=2))
+    import jax.numpy as jnp
+
+    jnp.zeros(1).block_until_ready()  # JAX's threads running, as in a notebook or in this test session
+    with warnings.catch_warnings(record=True) as caught:
+        # JAX warns when its process forks (its threads' locks would be copied mid-use); the
+        # workers are spawned instead.
+        warnings.simplefilter("always")
+        parallel = list(tokenize_stream(documents, workers=2))
+    assert not [w for w in caught if "fork" in str(w.message)]
     assert len(parallel) == len(documents)
     assert all(t[0] == EOT and t.dtype == np.uint16 for t in parallel)
     np.testing.assert_array_equal(np.concatenate(parallel), serial_stream)
