@@ -85,6 +85,8 @@ def run_both(config: Config) -> dict:
     diffs = [abs(out["torch"]["loss"][s] - out["jax"]["loss"][s]) for s in steps]
     out["steps"] = steps
     out["max_abs_diff"] = max(diffs)
+    out["max_step"] = steps[diffs.index(out["max_abs_diff"])]
+    out["first_above_1e-3"] = next((s for s, d in zip(steps, diffs) if d > 1e-3), None)
     out["max_rel_diff"] = max(d / abs(out["torch"]["loss"][s]) for d, s in zip(diffs, steps))
     return out
 
@@ -136,9 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     result = run_both(config)
     out = args.out or config.run_dir.with_name(f"{config.run.name}.png")
     plot(result, out, config.run.name)
+    first = result["first_above_1e-3"]
     print(
         f"{len(result['steps'])} steps | max |loss difference| {result['max_abs_diff']:.3e}"
-        f" ({result['max_rel_diff']:.2e} relative) | plot: {out}"
+        f" at step {result['max_step']} ({result['max_rel_diff']:.2e} relative)"
+        f" | {'within 1e-3 at every step' if first is None else f'first above 1e-3 at step {first}'}"
+        f" | plot: {out}"
+    )
+    print(
+        "Both backends compute each step in float32 with different kernels, so their results differ"
+        " in the last bits (about 1e-7 relative; pytest parity holds one step to that). Training"
+        " feeds each step's result into the next and amplifies such differences, most at a high"
+        " learning rate: the curves agree to about 1e-5 at first and may drift apart later."
     )
 
 
