@@ -31,6 +31,17 @@ def load_model(path: str | Path) -> GPT:
     return GPT.from_pretrained(path, dtype=dtype)
 
 
+def wait_until_idle() -> None:
+    """Return once the device has finished every computation dispatched so far.
+
+    After a Ctrl-C the host stops, but a dispatched step may still be running; tearing the
+    interpreter (and XLA's runtime) down under it crashed with a segmentation fault. Waiting on
+    every live array waits on every computation that can still write one (a donated array is
+    deleted, not waited on: its computation writes the array that replaced it).
+    """
+    jax.block_until_ready([a for a in jax.live_arrays() if not a.is_deleted()])
+
+
 def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
     """(B, V) logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
 
@@ -96,10 +107,12 @@ def generate(
     Past the context: exactly nanoGPT's sliding window. Each token is conditioned on the last
     `block_size` tokens of its row; while the sequence fits, through the KV cache, and after that
     through a full forward over the window (`window_step`): the positions shift under every token,
-    so no cached key or value stays valid. That costs a full forward per token, which on the
-    default model (128 tokens of context) is a few milliseconds on a CPU; an amortised re-prefill
-    (keep half the window, refill the cache) would be cheaper but would condition on fewer tokens
-    than nanoGPT does, and give other text. Prompts keep their last `block_size` tokens
+    so no cached key or value stays valid. That costs a full forward per token: on the default
+    model about 1.4 GFLOP (128 positions, mostly the tied head) against 11 MFLOP for a cached step,
+    tens of milliseconds on a CPU core, a second or two for the README's 200 tokens. An amortised
+    re-prefill (refill the cache with the last half of the window every block_size / 2 tokens)
+    would cost about two cached steps per token, but would condition on fewer tokens than nanoGPT
+    does and give other text; exact is affordable here, so it is exact. Prompts keep their last `block_size` tokens
     (`babygpt.sampling.crop_prompts`), which is all the first new token can see anyway.
     `on_token(row, token)` is called for each new token as it is chosen; without it the whole
     in-context decode loop runs on the device in one call, and the host reads the tokens once at
