@@ -307,3 +307,11 @@ def dump_toml(config: Config) -> str:
                 lines.append(f"{key} = {value!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def compute_dtype_name(dtype: str, platform: str) -> str:
+    """`train.dtype` resolved: `auto` is bfloat16 matmuls on a GPU, float32 on a CPU (where bfloat16
+    is slow and imprecise). `platform` is the framework's name for the device: gpu, cuda or cpu."""
+    if dtype == "auto":
+        return "bfloat16" if platform in ("gpu", "cuda") else "float32"
+    return dtype

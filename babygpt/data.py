@@ -126,7 +126,7 @@ def prepare_shakespeare(data_root: str | Path = "data") -> dict:
 
 
 def ensure_dataset(config: Config) -> Path:
-    """Shakespeare prepares itself on first use; any other dataset must have been prepared."""
+    """Shakespeare prepares itself on first use; any other dataset must have been prepared and fit the model."""
     data_dir = dataset_dir(config)
     if config.data.dataset == "shakespeare" and not (data_dir / "meta.json").exists():
         try:
@@ -135,8 +135,7 @@ def ensure_dataset(config: Config) -> Path:
             raise BabyGPTError(
                 f"cannot prepare {data_dir} ({e.strerror}); set data.data_dir to a writable directory"
             ) from None
-    for split in SPLITS:
-        list_shards(data_dir, split)
+    check_vocab(config)  # every shard opens, and its tokens fit the model
     return data_dir
 
 

@@ -1,24 +1,29 @@
-"""What a training run is, apart from the framework: its directory, its batch plan, its log, its stop.
+"""What a training run is, apart from the framework: its batch plan, its log, its stop, its sample.
 
-Both backends' `train.py` use these, so a run directory, a `metrics.jsonl` line and a progress bar
-look the same whichever backend wrote them.
+The pieces `babygpt.harness` and both backends' `train.py` use, so that a `metrics.jsonl` line, a
+progress line and a stop look the same whichever backend wrote them; `read_metrics` reads what
+`MetricsLog` writes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from babygpt.config import BabyGPTError, Config, dump_toml, load_config
+from babygpt.config import BabyGPTError, Config, TrainConfig, load_config
 from babygpt.flops import mfu
+from babygpt.hf import read_pretrained
+from babygpt.tokenizer import encode_prompt, get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,22 +57,25 @@ def plan_batch(config: Config, devices: int) -> BatchPlan:
     return BatchPlan(t.micro_batch_size, devices, T, t.total_batch_tokens // per_micro_step)
 
 
-def prepare_run_dir(config: Config, is_main: bool = True) -> Path:
-    """Create out/<name>/ with the resolved config; never silently reuse a finished run."""
-    run_dir = config.run_dir
-    saved = run_dir / "config.toml"
-    if config.run.resume:
-        if not saved.exists():
-            raise BabyGPTError(f"nothing to resume in {run_dir}; drop --resume to start a new run")
-    elif saved.exists():
-        raise BabyGPTError(
-            f"{run_dir} already holds a run; pass --resume to continue it,"
-            f" or run.name=<new name> to start another"
-        )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(dump_toml(config))
-    return run_dir
+def keep_freed_host_memory(one_arena: bool) -> None:
+    """Keep glibc from handing large freed blocks back to the operating system between CPU steps.
+
+    The logits and their gradients (B*T x 50,304 floats: 100 MB at the default config) are above
+    glibc's mmap threshold, so each was mmapped, unmapped when freed and page-faulted (zeroed) in
+    again at the next step: a third to a half of the CPU time went to the kernel. Raising the
+    thresholds keeps such blocks in the heap for reuse. XLA's CPU runtime allocates on its worker
+    threads, and glibc gives each thread an arena of its own whose heap holds at most 64 MiB, so
+    there a 100 MB block is mmapped whatever the threshold: `one_arena` makes every thread share
+    the main heap (measured in docs/benchmarks.md). Call it before any other thread allocates.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    if one_arena:
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -84,6 +92,8 @@ class MetricsLog:
         self.enabled = enabled
         self.config = config
         self.path = run_dir / "metrics.jsonl"
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.perf_counter()
         self.bar = None
         if enabled:
             self.bar = tqdm(
@@ -109,8 +119,9 @@ class MetricsLog:
             if not self.bar.disable:
                 self.bar.set_postfix_str(format_metrics(metrics), refresh=False)
             self.bar.update(n_steps)
-            if self.bar.disable:
-                self.info(f"step {step:>6} | {format_metrics(metrics)}")
+            if self.bar.disable:  # a log file: the line says what the bar would show
+                progress = _elapsed_and_eta(self.started, step - self.start_step, self.total_steps - step)
+                self.info(f"step {step:>6}/{self.total_steps} | {format_metrics(metrics)} | {progress}")
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -119,6 +130,31 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def read_metrics(run_dir: str | Path) -> tuple[dict[int, float], dict[int, float]]:
+    """{step: train loss} and {step: val loss} from a run's metrics.jsonl, as `MetricsLog` wrote it."""
+    train, val = {}, {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train[record["step"]] = record["loss"]
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+    return train, val
+
+
+def _elapsed_and_eta(started: float, steps_done: int, steps_left: int) -> str:
+    """`12s elapsed, ETA 1m05s`, for progress lines in a log file where no bar shows the time."""
+    elapsed = time.perf_counter() - started
+    eta = f", ETA {_duration(elapsed / steps_done * steps_left)}" if steps_done > 0 else ""
+    return f"{_duration(elapsed)} elapsed{eta}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def format_metrics(metrics: dict) -> str:
@@ -154,11 +190,12 @@ class Throughput:
         return {"tokens_per_s": tps, "mfu": m, "step_ms": 1000 * dt / n_steps}
 
 
-def check_finite(loss: float, step: int) -> None:
+def check_finite(loss: float, step: int, train: TrainConfig) -> None:
     if not math.isfinite(loss):
+        clip = "" if 0 < train.grad_clip <= 1.0 else " or clip the gradients with train.grad_clip=1.0"
         raise BabyGPTError(
-            f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept"
-            " (try a lower train.max_lr or train.grad_clip=1.0)"
+            f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept;"
+            f" try a lower learning rate, e.g. train.max_lr={train.max_lr / 3:.2g}{clip}"
         )
 
 
@@ -171,31 +208,64 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGTERM as a request to stop at the next step boundary, rather than to die mid-step.
+    """SIGTERM and SIGINT as requests to stop at the next step boundary, rather than to die mid-step.
 
-    torchrun forwards SIGTERM to every worker and SLURM sends it before preempting a job, so the
-    training loop polls `received` between steps: the processes agree on a step, checkpoint it and
-    exit. A second SIGTERM changes nothing, because under SLURM a worker gets one from SLURM and
-    one from torchrun. A process blocked in a collective runs the handler only once the collective
-    returns, so SIGTERM alone no longer ends it; what does is the collective failing (a dead peer,
-    the process-group timeout) or torchrun's SIGKILL, sent when its grace period (30 s) runs out.
+    torchrun forwards SIGTERM to every worker and SLURM sends it before preempting a job; Ctrl-C
+    sends SIGINT to every process of the terminal's group. The training loop polls `received`
+    between steps: the processes agree on a step, checkpoint it and exit. A second SIGTERM changes
+    nothing, because under SLURM a worker gets one from SLURM and one from torchrun; a second
+    Ctrl-C interrupts at once, for a user who will not wait for the save. A process blocked in a
+    collective runs the handler only once the collective returns, so a signal alone no longer ends
+    it; what does is the collective failing (a dead peer, the process-group timeout) or torchrun's
+    SIGKILL, sent when its grace period (30 s) runs out.
     """
 
-    def __init__(self, signum: int = signal.SIGTERM):
-        self.signum = signum
-        self.received = False
-        self._previous = None  # the handler to put back on exit; None while none is replaced
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first stop request's signal
+        self._previous: dict = {}  # the handlers to put back on exit
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # the only thread Python signals
-            self._previous = signal.getsignal(self.signum) or signal.SIG_DFL  # None: set outside Python
-            signal.signal(self.signum, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = (
+                    signal.getsignal(signum) or signal.SIG_DFL
+                )  # None: set outside Python
+                signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+
+def pretrained_tensors(config: Config) -> dict | None:
+    """The Hugging Face tensors of `train.init_from` (None when the run starts from scratch),
+    refused in one line when their shape is not `config.model`'s."""
+    if not config.train.init_from:
+        return None
+    return read_pretrained(config.train.init_from, config.model)
+
+
+def generate_sample(generate: Callable, model, config: Config) -> str:
+    """A sample from the trained model: up to `train.sample_tokens` tokens after `train.sample_prompt`.
+
+    `generate` is the backend's `generate(model, prompts, new_tokens, ...)`.
+    """
+    t = config.train
+    prompt = encode_prompt(t.sample_prompt)[-config.model.block_size + 1 :]
+    new_tokens = min(t.sample_tokens, config.model.block_size - len(prompt))  # the KV cache holds one context
+    [tokens] = generate(model, [prompt], new_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    return get_tokenizer().decode(prompt + list(tokens))

@@ -1,27 +1,32 @@
 """Checkpoints in JAX: orbax's `CheckpointManager`, asynchronous, restoring onto the current mesh.
 
 The mirror of `babygpt_torch/checkpoint.py`, which writes one `torch.save` file per step. Here a
-checkpoint is a directory `checkpoints/<step>/` that orbax writes in the background (the devices
-keep training) and commits atomically; every process takes part, each writing its own shards.
-It holds what a resumed run needs to continue exactly: parameters, optimizer state, the RNG key
-(arrays), and the step, loader position and model shape (JSON). `export_hf` writes the weights
-in the Hugging Face layout that both backends (and `transformers`) load.
+checkpoint is a directory `checkpoints/<step>/` that orbax commits atomically. It holds what a
+resumed run needs to continue exactly: parameters, optimizer state and RNG key (arrays), the step,
+loader position and model shape (JSON). `export_hf` writes the weights in the Hugging Face layout.
+
+Orbax writes in the background (the devices keep training), and every process takes part, each
+writing its own shards: the directory is the same whatever mesh wrote it, and any mesh restores
+it, whole or sharded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from babygpt.config import BabyGPTError, ModelConfig
-from babygpt.hf import export_into_run_dir
+from babygpt.hf import MODEL_FIELDS, export_into_run_dir, shape_mismatches
 from babygpt_jax.model import GPT, hf_tensors
 
 # The fields that fix the shape of the weights; dropout may change between runs.
-_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+_SHAPE_FIELDS = (*MODEL_FIELDS, "vocab_multiple")  # the stored tables are padded too
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -33,10 +38,21 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
 
     Call `wait_until_finished()` (or `close()`) before the process exits, or the last save is lost.
     """
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(keep, 1), create=not read_only, read_only=read_only, enable_async_checkpointing=True
-    )
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+    settings = dict(max_to_keep=max(keep, 1), create=not read_only, read_only=read_only)
+    with _quiet_orbax():  # a read-only manager warns of each setting it ignores
+        options = ocp.CheckpointManagerOptions(**settings, enable_async_checkpointing=True)
+        return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax's absl warnings silenced: a corrupt checkpoint is our one line, not a screenful first."""
+    absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def save_checkpoint(
@@ -48,36 +64,43 @@ def save_checkpoint(
     rng: jax.Array,
     model_config: ModelConfig,
 ) -> None:
-    """Start saving checkpoints/<step>/ in the background; returns once the arrays are copied off
-    the devices, so the next (donating) train step may overwrite them."""
+    """Start saving checkpoints/<step>/ in the background; the manager keeps the newest `keep`.
+
+    Every process calls it, each writing its own shards. It returns once the arrays are copied off
+    the devices, so that the next (donating) train step may overwrite them.
+    """
     state = {"params": params, "opt_state": opt_state, "rng": rng}
     meta = {"step": step, "loader": dict(loader_state), "model_config": dataclasses.asdict(model_config)}
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    try:
+        with _quiet_orbax():
+            manager.save(step, args=args, force=True)
+    except OSError as e:  # a full disk or a read-only directory, met before the background part
+        where = f"{manager.directory}/{step}"
+        raise BabyGPTError(
+            f"cannot write {where} ({e.strerror}); free space or choose another run.out_dir"
+        ) from None
 
 
 def latest_step(run_dir: str | Path) -> int | None:
     """The newest committed checkpoint's step (orbax ignores unfinished, temporary directories)."""
     if not checkpoint_dir(run_dir).is_dir():
         return None
-    manager = checkpoint_manager(run_dir, read_only=True)
-    try:
+    with contextlib.closing(checkpoint_manager(run_dir, read_only=True)) as manager, _quiet_orbax():
         return manager.latest_step()
-    finally:
-        manager.close()
 
 
 def restore_checkpoint(
-    run_dir: str | Path, params, opt_state, rng: jax.Array, model_config: ModelConfig
+    run_dir: str | Path,
+    params,
+    opt_state,
+    rng: jax.Array,
+    model_config: ModelConfig,
 ) -> dict:
     """Read the latest checkpoint onto the shardings of `params`, `opt_state` and `rng`.
 
-    The three arguments are only the target: their shapes, dtypes and shardings (those of the
-    current mesh, whatever mesh wrote the checkpoint). Returns {"step", "loader", "params",
-    "opt_state", "rng"}. Any unreadable or mismatched checkpoint is one `BabyGPTError`.
+    Returns {"step", "loader", "params", "opt_state", "rng"}: the three arguments are only the target
+    (shapes, dtypes, this mesh's shardings). Any unreadable or mismatched checkpoint is one `BabyGPTError`.
     """
     step = latest_step(run_dir)
     if step is None:
@@ -85,7 +108,7 @@ def restore_checkpoint(
     path = checkpoint_dir(run_dir) / str(step)
     fix = "delete it to resume from the one before"
     manager = checkpoint_manager(run_dir, read_only=True)
-    try:
+    with contextlib.closing(manager), _quiet_orbax():
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             saved = meta["model_config"]
@@ -93,12 +116,7 @@ def restore_checkpoint(
             raise BabyGPTError(
                 f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); {fix}"
             ) from None
-        current = dataclasses.asdict(model_config)
-        diffs = [
-            f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
-            for k in _SHAPE_FIELDS
-            if saved.get(k) != current[k]
-        ]
+        diffs = shape_mismatches(saved, model_config, "the checkpoint", _SHAPE_FIELDS)
         if diffs:
             raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
         target = jax.tree.map(
@@ -114,8 +132,6 @@ def restore_checkpoint(
                 f"checkpoint {path} is corrupt or does not fit this model or optimizer"
                 f" ({type(e).__name__}: {first}); {fix}"
             ) from None
-    finally:
-        manager.close()
     return {"step": int(meta["step"]), "loader": meta["loader"], **state}
 
 

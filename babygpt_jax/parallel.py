@@ -8,16 +8,21 @@ or split over the "fsdp" axis, and `jax.jit` inserts the collectives these layou
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from babygpt.config import Config
+from babygpt.run import keep_freed_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -28,45 +33,38 @@ BATCH_AXES = MESH_AXES  # every device takes its own rows of each micro-step
 # host lost) before they fail too. jax's default, which some users already find too short for
 # hosts that stall for a while (jax-ml/jax#23599).
 HEARTBEAT_TIMEOUT_S = 100
-# How long a process leaving the run waits for the others in `jax.distributed.shutdown`, which jax
-# also calls at exit. A finished run arrives there together (`shutdown` below starts with a
-# barrier), so the wait runs out only when one process failed while the others were blocked in a
-# collective with it; then they all fail after this long, rather than after jax's 5 minutes.
+# How long a process leaving the run waits for the others in `jax.distributed.shutdown` (also called
+# at exit). A finished run arrives together (`shutdown` starts with a barrier): the wait runs out
+# only when a process failed while the others were blocked in a collective with it.
 SHUTDOWN_TIMEOUT_S = 60
 
 
 def setup_distributed() -> None:
-    """Join the other processes of a multi-host run, or run alone.
+    """Join the other processes of a multi-host run, or run alone; then set up this process.
 
     `JAX_COORDINATOR_ADDRESS`, `JAX_PROCESS_ID` and `JAX_NUM_PROCESSES` describe the run
     explicitly; under SLURM or Open MPI with several tasks, `jax.distributed` reads the cluster
     itself. `JAX_HEARTBEAT_TIMEOUT_SECONDS` and `JAX_SHUTDOWN_TIMEOUT_SECONDS` replace the two
-    timeouts above (the tests shorten them). Must run before anything touches a device.
+    timeouts above (the tests shorten them). A CPU-only process gets glibc settings that keep large
+    freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
     """
-    if jax.distributed.is_initialized():
-        return
-    timeouts = dict(
-        heartbeat_timeout_seconds=int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S)),
-        shutdown_timeout_seconds=int(os.environ.get("JAX_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S)),
-    )
-    if coordinator := os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-            **timeouts,
-        )
-    elif int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
-        jax.distributed.initialize(**timeouts)
-    else:
-        return
-    log.info(
-        "process %d of %d, %d local devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-    )
-    if jax.process_index() > 0:  # process 0 narrates the run; the others speak only to warn
+    if _cpu_only():  # before XLA's CPU runtime starts its threads
+        keep_freed_host_memory(one_arena=True)
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    rank = int(os.environ.get("JAX_PROCESS_ID", 0))
+    world_size = int(os.environ.get("JAX_NUM_PROCESSES", 1))
+    cluster = int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+    heartbeat = int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S))
+    patience = int(os.environ.get("JAX_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S))
+    if (coordinator or cluster) and not jax.distributed.is_initialized():
+        # Given a coordinator, the variables say who is who; in a cluster, jax asks the cluster.
+        given = dict(coordinator_address=coordinator, num_processes=world_size, process_id=rank)
+        timeouts = dict(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=patience)
+        jax.distributed.initialize(**(given if coordinator else {}), **timeouts)
+        devices = (jax.process_index(), jax.process_count(), jax.local_device_count())
+        log.info("process %d of %d, %d local devices", *devices)
+    # Process 0 narrates the run; the others speak only to warn.
+    if jax.process_count() > 1 and jax.process_index() > 0:
         for package in ("babygpt", "babygpt_jax"):
             logging.getLogger(package).setLevel(logging.WARNING)
 
@@ -75,12 +73,16 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def make_mesh(config: Config) -> Mesh:
-    """All devices, in process order, as a (data, fsdp) grid: (n, 1) data parallel, (1, n) with fsdp.
+def _cpu_only() -> bool:
+    """True when jax will run on the CPU: asked for, or no accelerator plugin (CUDA, ROCm, TPU) installed."""
+    if platforms := jax.config.jax_platforms:
+        return platforms.split(",")[0] == "cpu"
+    return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
 
-    Process p's devices form one contiguous block, so its rows of the global batch are one
-    contiguous block too, the rows its loader reads.
-    """
+
+def make_mesh(config: Config) -> Mesh:
+    """All devices as a (data, fsdp) grid, (n, 1) or with fsdp (1, n), in process order: process p's
+    devices form one block, so its rows of the global batch are the one block its loader reads."""
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n = len(devices)
     shape = (1, n) if config.train.fsdp else (n, 1)
@@ -97,11 +99,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_shardings(mesh: Mesh, params, fsdp: bool):
-    """A sharding per leaf of `params` (or of anything shaped like it, e.g. the optimizer state).
-
-    Data parallel: everything replicated. FSDP: each array split along its largest dimension that
-    the "fsdp" axis divides; arrays with no such dimension (small biases, scalars) replicated.
-    """
+    """A sharding per leaf of `params` (or of anything shaped like it, e.g. the optimizer state):
+    replicated, or with FSDP split along the largest dimension the "fsdp" axis divides (if any)."""
     size = mesh.shape["fsdp"]
 
     def sharding(x) -> NamedSharding:
@@ -117,12 +116,20 @@ def param_shardings(mesh: Mesh, params, fsdp: bool):
     return jax.tree.map(sharding, params)
 
 
-def put_global(tree, shardings):
-    """Host values that every process holds alike, as global arrays laid out by `shardings`.
+def shard_model(params, mesh: Mesh, fsdp: bool):
+    """The parameters placed on `mesh`: whole on every device (data parallel) or split (FSDP).
 
-    `jax.device_put` only reaches this process's devices; building each array from a callback
-    lets every process fill its own shards, on one host or many.
+    Each process fills its own devices' shards; nothing is wrapped, the arrays carry their layout.
+    Returns the placed parameters and their shardings, which `jax.jit` keeps in and out of the
+    step. Place the optimizer state after: `param_shardings` of its shape lays it out the same.
     """
+    shardings = param_shardings(mesh, params, fsdp)
+    return put_global(params, shardings), shardings
+
+
+def put_global(tree, shardings):
+    """Host values that every process holds alike, as global arrays laid out by `shardings`: built
+    from a callback, so that every process fills its own shards (`jax.device_put` reaches only its own)."""
 
     def put(x, sharding):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their data
@@ -135,9 +142,48 @@ def put_global(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def make_global_batch(local_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """One global array from every process's rows: each process passes only the rows it read."""
-    return jax.make_array_from_process_local_data(sharding, local_array)
+def make_global_batch(local, sharding: NamedSharding):
+    """The global batch from this process's rows (an array, or a tuple of them such as x, y).
+
+    Each process passes only the rows it read; the result is one array over every device.
+    """
+    if isinstance(local, tuple):
+        return tuple(make_global_batch(a, sharding) for a in local)
+    # Each process's rows become its own devices' shards of one array.
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def make_host_copy(model: nnx.Module, mesh: Mesh) -> Callable:
+    """A function returning the whole model on process 0 (None elsewhere), for export and sampling.
+
+    The parameters, sharded over devices and processes, are gathered whole onto every device (a
+    collective every process must join), then copied into `model`'s Variables on the host, where
+    the export and `generate` read them.
+    """
+    # A jitted identity whose output is replicated: jit inserts the all-gathers.
+    gather = jax.jit(lambda p: p, out_shardings=replicated(mesh))
+
+    def host_copy(params) -> nnx.Module | None:
+        weights = jax.device_get(gather(params))
+        if is_main_process():
+            nnx.update(model, weights)
+        return model if is_main_process() else None
+
+    return host_copy
+
+
+def all_finite(params) -> bool:
+    """Whether every parameter is finite, on every process: reductions over the global arrays."""
+    return all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is True on any: how the processes agree to stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    local = np.array([flag])
+    votes = multihost_utils.process_allgather(local)  # every process's flag, on every process
+    return bool(np.any(votes))
 
 
 def barrier(name: str) -> None:
@@ -147,7 +193,11 @@ def barrier(name: str) -> None:
 
 
 def shutdown() -> None:
-    """Leave a multi-process run once every process is done (process 0 may still be sampling)."""
+    """Leave a multi-process run together: only after a finished or an agreed stop, never a failure.
+
+    The barrier keeps a process from leaving while process 0 still samples or exports: jax's own
+    shutdown at exit would give up on it after SHUTDOWN_TIMEOUT_S and fail the run.
+    """
     if jax.process_count() > 1:
         barrier("shutdown")
         jax.distributed.shutdown()

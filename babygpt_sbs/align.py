@@ -57,21 +57,20 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "batch_sharding": "a sharding annotation for the batch; DDP gives each process its own rows",
         "replicated": "a sharding annotation for replicated values; DDP replicates by construction",
         "param_shardings": "per-parameter shardings (replicated or FSDP) that jit compiles; DDP replicates",
+        "_cpu_only": "jax picks its platform when first touched, so set-up reads it from the installed plugins; torch knows its device before",
         "put_global": "host values made global jax.Arrays, each process filling its own shards; torch ranks keep local tensors",
-        "make_global_batch": "one global jax.Array from each process's rows; torch keeps per-process tensors",
     },
     ("parallel", "torch"): {
         "Dist": "torch passes its process-group facts around; JAX asks jax.process_index() and friends",
         "wrap_model": "the DDP wrapper that all-reduces gradients in backward; jit inserts collectives from shardings",
-        "shard_model": "FSDP2 shards by wrapping modules, whose parameters become DTensors; JAX shards by param_shardings",
-        "gather_model": "copies FSDP2's shards into a plain replica for export and sampling; JAX jits a replicating identity",
         "no_sync": "DDP and FSDP2 reduce gradients inside every backward; JAX accumulates in one jitted step, reduced once",
         "_no_gradient_sync": "FSDP2's no_sync is a setter (set_requires_gradient_sync), DDP's a context manager",
         "all_reduce_mean": "an explicit collective for logged values; a jitted JAX step returns global values",
-        "any_process": "an explicit collective so that every process stops at the same step on SIGTERM; JAX has no SIGTERM handling yet",
+        "clip_grad_norm": "FSDP2's gradient norm is a DTensor to make whole; optax.global_norm of jitted global arrays is global already",
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",
+        "_quiet_orbax": "orbax narrates reads and saves in absl warnings that would bury our one-line errors; torch.save says nothing",
     },
     ("checkpoint", "torch"): {
         "checkpoint_path": "torch names one file per step itself; orbax's manager does that in JAX",
@@ -79,17 +78,14 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_by_name": "reads torch files from before FSDP2 support, whose optimizer state is keyed by index; orbax restores by structure",
     },
     ("train", "jax"): {
-        "loss_fn": "jax.value_and_grad differentiates a pure function of the params; torch calls loss.backward()",
         "make_train_step": "the functional step is jitted by a factory that closes over graphdef, optimizer and shardings",
         "eval_step": "the pure evaluation function that make_eval_step jits; torch's evaluate calls the module",
         "make_eval_step": "jits eval_step with shardings; torch has nothing to compile",
-        "init_state": "nnx.split the model and place params and optimizer state on the mesh; torch objects own their state",
     },
     ("train", "torch"): {
         "_autocast": "torch chooses bfloat16 by a context around the forward; JAX passes dtype to the modules",
         "_rng_state": "torch's RNG is global state to save; JAX's is an explicit key saved as an array",
         "_set_rng_state": "restores torch's global RNG state; JAX restores its key like any array",
-        "_reuse_freed_cpu_memory": "torch's CPU tensors come from glibc malloc; JAX's CPU runtime has its own allocator",
     },
     ("score", "jax"): {
         "_completion_losses": "the pure function of (graphdef, state) that jax.jit compiles; torch calls the module",

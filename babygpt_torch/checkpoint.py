@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from babygpt.config import BabyGPTError
 from babygpt.files import atomic_open
-from babygpt.hf import export_into_run_dir
+from babygpt.hf import MODEL_FIELDS, export_into_run_dir, shape_mismatches
 from babygpt_torch.model import hf_tensors
 from babygpt_torch.parallel import WHOLE_ON_RANK0, is_main_process
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # The fields that fix the shape of the weights; dropout may change between runs.
-_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "vocab_multiple")
+_SHAPE_FIELDS = (*MODEL_FIELDS, "vocab_multiple")  # the stored tables are padded too
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -83,14 +83,21 @@ def save_checkpoint(
         "loader": dict(loader_state),
         "rng": rng_state,
     }
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk from its zip writer, in C++
+        reason = "No space left on device" if "No space left" in str(e) else getattr(e, "strerror", None) or e
+        raise BabyGPTError(
+            f"cannot write {path} ({reason}); free space or choose another run.out_dir"
+        ) from None
     for old in _steps(run_dir)[: -max(keep, 1)]:
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
     return path
 
 
 def latest_step(run_dir: str | Path) -> int | None:
+    """The newest committed checkpoint's step (a file is committed by its rename into place)."""
     steps = _steps(run_dir)
     return steps[-1] if steps else None
 
@@ -110,23 +117,18 @@ def restore_checkpoint(
     if step is None:
         raise BabyGPTError(f"no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start a new run")
     path = checkpoint_path(run_dir, step)
+    fix = "delete it to resume from the one before"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         keys = ("step", "model_config", "model", "optimizer", "scheduler", "loader", "rng")
         missing = [k for k in keys if k not in state]
     except Exception as e:  # a truncated or foreign file raises anything from pickle to zipfile
         raise BabyGPTError(
-            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to resume"
-            " from the one before"
+            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); {fix}"
         ) from None
     if missing:
         raise BabyGPTError(f"checkpoint {path} is not a babyGPT torch checkpoint (no {missing[0]!r})")
-    saved, current = state["model_config"], dataclasses.asdict(model.config)
-    diffs = [
-        f"model.{k}={saved.get(k)!r} in the checkpoint but {current[k]!r} in the config"
-        for k in _SHAPE_FIELDS
-        if saved.get(k) != current[k]
-    ]
+    diffs = shape_mismatches(state["model_config"], model.config, "the checkpoint", _SHAPE_FIELDS)
     if diffs:
         raise BabyGPTError(f"checkpoint {path} does not fit this model: {'; '.join(diffs)}")
     options = StateDictOptions(full_state_dict=True)  # whole tensors in; each process keeps its shard

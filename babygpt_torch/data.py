@@ -2,11 +2,14 @@
 
 The mirror of `babygpt_jax/data.py`, which feeds the same windows through grain. Both cut their
 batches from `babygpt.data.TokenWindows` with `micro_batch_rows`, so for the same seed and position
-they yield the same tokens; this loader's whole state is the number of samples consumed.
+they yield the same tokens; this loader's whole state is the number of samples consumed. Both
+hand out one optimizer step at a time, (accumulation_steps, rows, T): the step loops over its
+micro-batches where JAX's scans over them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from babygpt.config import Config
@@ -15,30 +18,30 @@ from babygpt.run import BatchPlan
 
 
 class DataLoaderLite:
-    """One rank's micro-batches: rows `rank*B .. rank*B+B-1` of each global micro-step."""
+    """One rank's share of each optimizer step: rows `first_row .. first_row+count-1` of every
+    global micro-step, `micro_steps` micro-steps per batch, as CPU tensors (the step moves them)."""
 
-    def __init__(self, windows: TokenWindows, plan: BatchPlan, rank: int, device: torch.device):
+    def __init__(self, windows: TokenWindows, plan: BatchPlan, first_row: int, count: int, micro_steps: int):
         self.windows = windows
         self.plan = plan
-        self.rank = rank
-        self.device = torch.device(device)
+        self.first_row = first_row
+        self.count = count
+        self.micro_steps = micro_steps
         self.position = 0  # global micro-steps consumed
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B = self.plan.micro_batch_size
-        rows = micro_batch_rows(self.position, self.plan.rows_per_micro_step, self.rank * B, B)
-        tokens = torch.from_numpy(self.windows.rows(rows.start, len(rows))).long()  # (B, T+1)
-        self.position += 1
-        x, y = tokens[:, :-1], tokens[:, 1:]  # targets are the inputs shifted by one
-        if self.device.type == "cuda":  # pinned memory lets the copy overlap the previous step
-            return (
-                x.pin_memory().to(self.device, non_blocking=True),
-                y.pin_memory().to(self.device, non_blocking=True),
-            )
+        """x, y int64 of shape (micro_steps, count, T)."""
+        micro_batches = []
+        for position in range(self.position, self.position + self.micro_steps):
+            rows = micro_batch_rows(position, self.plan.rows_per_micro_step, self.first_row, self.count)
+            micro_batches.append(self.windows.rows(rows.start, len(rows)))  # (count, T+1)
+        tokens = torch.from_numpy(np.stack(micro_batches)).long()  # (micro_steps, count, T+1)
+        self.position += self.micro_steps
+        x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
         return x.contiguous(), y.contiguous()
 
     def reset(self) -> None:
-        self.position = 0
+        self.load_state_dict({"samples": 0})
 
     def state_dict(self) -> dict:
         # In samples, not micro-steps: a micro-step's size depends on the number of processes, and
@@ -52,12 +55,16 @@ class DataLoaderLite:
             self.position = int(state["position"])
 
 
-def make_loaders(
-    config: Config, plan: BatchPlan, rank: int, device: torch.device
-) -> tuple[DataLoaderLite, DataLoaderLite]:
-    """Train (seeded shuffle) and validation (file order; `evaluate` rewinds it each time)."""
+def make_loaders(config: Config, plan: BatchPlan, rank: int) -> tuple[DataLoaderLite, DataLoaderLite]:
+    """Train (seeded shuffle, whole steps) and validation (file order, one micro-step per batch;
+    `evaluate` rewinds it each time). Rank r reads rows r*B .. (r+1)*B-1 of each micro-step."""
     data_dir = dataset_dir(config)
     T, seed = config.model.block_size, config.train.seed
     train = TokenWindows.from_dir(data_dir, "train", T, seed)
     val = TokenWindows.from_dir(data_dir, "val", T, seed)
-    return DataLoaderLite(train, plan, rank, device), DataLoaderLite(val, plan, rank, device)
+    count = plan.micro_batch_size
+    first_row = rank * count
+    return (
+        DataLoaderLite(train, plan, first_row, count, plan.accumulation_steps),
+        DataLoaderLite(val, plan, first_row, count, 1),
+    )

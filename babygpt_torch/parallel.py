@@ -9,8 +9,9 @@ weights just before it runs); the parallelism lives in the process group and in 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,7 +21,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from babygpt.run import keep_freed_host_memory
 
 # How long a collective may wait for a peer before the job fails rather than hangs. Long enough
 # for the slowest legitimate wait (rank 0 writing a large checkpoint while the others wait at the
@@ -40,32 +44,48 @@ class Dist:
 
 
 def setup_distributed(fsdp: bool = False) -> Dist:
-    """Join the process group `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE), or run alone.
+    """Join the process group `torchrun` describes, or run alone; then set up this process.
 
-    FSDP2 shards over a process group even when there is one process, so `fsdp` asks for a group
-    of one where DDP needs none.
+    `RANK`, `LOCAL_RANK` and `WORLD_SIZE` describe the run (torchrun sets them); FSDP2 shards over
+    a process group even when there is one process, so `fsdp` asks for a group of one where DDP
+    needs none. A GPU gets TF32 for any matmul left in float32; a CPU, glibc settings that keep
+    large freed blocks for reuse (`keep_freed_host_memory`). Must run before anything touches a device.
     """
-    rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before init: NCCL binds each process to its own GPU
-    else:
-        device = torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    if cuda:  # before init: NCCL binds each process to its own GPU
+        torch.cuda.set_device(local_rank)
     if (world_size > 1 or fsdp) and not torch_dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         # A lone process started without torchrun has no rendezvous address: an in-memory store.
-        alone = world_size == 1 and "MASTER_ADDR" not in os.environ
-        store = torch_dist.HashStore() if alone else None
-        torch_dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT
-        )
+        store = torch_dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
+        group = dict(rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT)
+        torch_dist.init_process_group("nccl" if cuda else "gloo", **group)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:  # TF32 for any matmul left in float32
+        torch.set_float32_matmul_precision("high")
+    else:
+        keep_freed_host_memory(one_arena=False)  # torch allocates its big blocks on this thread
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def is_main_process() -> bool:
     return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+
+
+def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
+    """FSDP2, in place: every parameter becomes a DTensor holding this process's rows of it.
+
+    Each Block is its own unit, so only one Block's weights are whole at a time (gathered before
+    its forward and its backward); the root unit holds the embeddings, `ln_f` and the `lm_head`
+    tied to `wte`. Call it before building the optimizer, which must see the sharded parameters.
+    """
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
@@ -76,36 +96,42 @@ def wrap_model(model: nn.Module, dist: Dist) -> nn.Module:
     return DDP(model, device_ids=device_ids)
 
 
-def shard_model(model: nn.Module, dist: Dist) -> nn.Module:
-    """FSDP2, in place: every parameter becomes a DTensor holding this process's rows of it.
+def make_global_batch(local, dist: Dist):
+    """The global batch from this process's rows (a tensor, or a tuple of them such as x, y).
 
-    Each Block is its own unit, so only one Block's weights are whole at a time (gathered before
-    its forward and again before its backward); the root unit holds the embeddings, `ln_f` and the
-    `lm_head` tied to `wte`, which stays one shared parameter. Call it before building the
-    optimizer: the optimizer must see the sharded parameters, not the ones they replace.
+    DDP needs no global tensor: each process keeps its own rows, on its own device.
     """
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    if isinstance(local, tuple):
+        return tuple(make_global_batch(t, dist) for t in local)
+    # Pinned memory lets the copy to a GPU overlap the previous step.
+    return local.pin_memory().to(dist.device, non_blocking=True) if dist.device.type == "cuda" else local
 
 
-def gather_model(model: nn.Module, into: nn.Module | None) -> None:
-    """Copy the whole weights of a sharded `model` into `into`, a plain replica on rank 0 (None elsewhere).
+def make_host_copy(model: nn.Module, dist: Dist, fsdp: bool) -> Callable[[], nn.Module | None]:
+    """A function returning the whole model on rank 0 (None elsewhere), for export and sampling.
 
-    A collective: every process calls it, each sending its shards.
+    Without FSDP that is the model itself. Under FSDP no process holds the whole model: rank 0
+    keeps a plain copy on the CPU (taken now, before sharding) that each call refreshes from the
+    shards, a collective every process must join.
     """
-    weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
-    if into is not None:
-        into.load_state_dict(weights)
+    if not fsdp:
+        return lambda: model if dist.rank == 0 else None
+    whole = copy.deepcopy(model).cpu() if dist.rank == 0 else None
+
+    def host_copy() -> nn.Module | None:
+        weights = get_model_state_dict(model, options=WHOLE_ON_RANK0)
+        if whole is not None:
+            whole.load_state_dict(weights)
+        return whole
+
+    return host_copy
 
 
-def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Skip the gradient collective of a micro-step whose gradients only accumulate.
-
-    DDP's all-reduce or FSDP2's reduce-scatter then runs once, in the last micro-step's backward.
-    """
+def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient collective of a micro-step whose gradients only accumulate (`sync` False):
+    DDP's all-reduce or FSDP2's reduce-scatter runs once, in the last micro-step's backward."""
+    if sync or not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return contextlib.nullcontext()
     if isinstance(model, DDP):
         return model.no_sync()
     module = getattr(model, "_orig_mod", model)  # the module under torch.compile's wrapper
@@ -123,35 +149,52 @@ def _no_gradient_sync(model: FSDPModule) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
-    if dist.world_size > 1:
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a global norm (`max_norm` 0: measure only); return the norm before.
+
+    FSDP2's gradients are shards, so its norm is a DTensor whose full value is global.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a value each computed on its own rows (the loss, for the log)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         tensor = tensor.clone()
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-        tensor /= dist.world_size
+        tensor /= torch_dist.get_world_size()
     return tensor
 
 
-def any_process(flag: bool, dist: Dist) -> bool:
-    """True on every process if it is True on any: how the ranks agree to stop at the same step."""
-    if dist.world_size == 1:
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite, on every process: each checks its own (shards), then votes."""
+    return not any_process(not all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is True on any: how the processes agree to stop at the same step."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return flag
-    votes = torch.tensor([int(flag)], device=dist.device)
+    votes = torch.tensor([int(flag)], device="cuda" if torch_dist.get_backend() == "nccl" else "cpu")
     torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
     return bool(votes.item())
 
 
-def barrier(dist: Dist) -> None:
+def barrier(name: str = "") -> None:
     """Wait for every process, e.g. while rank 0 prepares the dataset the others will read."""
-    if dist.world_size > 1:
-        torch_dist.barrier()
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()  # `name` mirrors JAX's: a process group matches barriers by order
 
 
-def shutdown(dist: Dist) -> None:
+def shutdown() -> None:
     """Leave the process group together: only after a finished or an agreed stop, never a failure.
 
     The barrier keeps a process from closing its connections while a peer still writes the last
     checkpoint and talks to it; the group's background threads then have nothing left to abort on.
     """
     if torch_dist.is_initialized():
-        barrier(dist)
+        barrier("shutdown")
         torch_dist.destroy_process_group()

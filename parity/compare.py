@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -21,20 +20,9 @@ import numpy as np
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, Config, load_config
 from babygpt.hf import write_hf_dir
+from babygpt.run import read_metrics
 
 log = logging.getLogger(__name__)
-
-
-def read_metrics(run_dir: str | Path) -> tuple[dict[int, float], dict[int, float]]:
-    """{step: train loss} and {step: val loss} from a run's metrics.jsonl."""
-    train, val = {}, {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            train[record["step"]] = record["loss"]
-        if "val_loss" in record:
-            val[record["step"]] = record["val_loss"]
-    return train, val
 
 
 def write_initial_weights(config: Config, path: Path) -> Path:

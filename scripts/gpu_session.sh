@@ -36,16 +36,16 @@ nanogpt-curve)  # issue 19: nanoGPT's train.py and both backends, our Shakespear
   fi
   ;;
 bench)
-  run python3 -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 30 --out "$OUT/bench-124m"
-  run python3 -m parity.bench --backend jax,torch --preset gpt2-medium --batch 16 --seq 1024 --steps 20 --out "$OUT/bench-350m"
-  run python3 -m parity.bench --backend jax,torch --preset gpt2-large --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-774m"
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 30 --out "$OUT/bench-124m"
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2-medium --batch 16 --seq 1024 --steps 20 --out "$OUT/bench-350m"
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2-large --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-774m"
   ;;
 generate)
-  run python3 -m parity.bench --mode generate --backend jax,torch,hf --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen"
+  run python3 -m babygpt_bench.bench --mode generate --backend jax,torch,hf --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen"
   ;;
 generate-big)  # decoding for the 350M and 774M presets
   for preset in gpt2-medium gpt2-large; do
-    run python3 -m parity.bench --mode generate --backend jax,torch,hf --preset $preset --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen-$preset"
+    run python3 -m babygpt_bench.bench --mode generate --backend jax,torch,hf --preset $preset --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/gen-$preset"
   done
   ;;
 train)
@@ -54,14 +54,14 @@ train)
   cp /tmp/runs/*/metrics.jsonl "$OUT/" 2>/dev/null; for d in /tmp/runs/*/; do cp "$d/metrics.jsonl" "$OUT/$(basename "$d").jsonl"; done
   ;;
 parity)
-  [ -f parity/gpu_check.py ] && run python3 -m parity.gpu_check
+  [ -f babygpt_bench/gpu_check.py ] && run python3 -m babygpt_bench.gpu_check
   ;;
 profile)  # both profilers over 5 steps; the traces stay on the machine, the summaries come back
-  run python3 -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "$OUT/profile-124m" --profile /tmp/traces
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "$OUT/profile-124m" --profile /tmp/traces
   ;;
 xla)  # XLA GPU flags that might pay for the JAX step, each against the default in the same session
   for flags in "--xla_gpu_enable_triton_gemm=false" "--xla_gpu_enable_cublaslt=true"; do
-    run env XLA_FLAGS="$flags" python3 -m parity.bench --backend jax --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "/tmp/xla/${flags//[^a-z]/}"
+    run env XLA_FLAGS="$flags" python3 -m babygpt_bench.bench --backend jax --preset gpt2 --batch 32 --seq 1024 --steps 20 --out "/tmp/xla/${flags//[^a-z]/}"
   done
   ;;
 sweep)  # which default Shakespeare config learns most per CPU-second (losses do not depend on the hardware)
@@ -92,15 +92,15 @@ fsdp2)  # torch's FSDP2 and remat paths beside the plain run (the torch half of 
   grep -h "peak memory" "$OUT/session.log" | tail -4
   ;;
 xl)  # GPT-2 1.5B on one H200 (141 GB), both backends
-  run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-1558m"
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2-xl --batch 8 --seq 1024 --steps 10 --out "$OUT/bench-1558m"
   ;;
 xlremat)  # the same with activation checkpointing and twice the micro-batch
-  run python3 -m parity.bench --backend jax,torch --preset gpt2-xl --batch 16 --seq 1024 --steps 10 --remat --out "$OUT/bench-1558m-remat"
+  run python3 -m babygpt_bench.bench --backend jax,torch --preset gpt2-xl --batch 16 --seq 1024 --steps 10 --remat --out "$OUT/bench-1558m-remat"
   ;;
 fsdpprobe)  # where torch's FSDP2 step loses time on one GPU: kernels and host ops, beside the plain step
   for b in 16 32; do
-    run python3 -m parity.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --out "$OUT/fsdp-plain-$b"
-    run python3 -m parity.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --fsdp --profile /tmp/fp/fsdp-$b --profile-steps 2 --out "$OUT/fsdp-fsdp-$b"
+    run python3 -m babygpt_bench.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --out "$OUT/fsdp-plain-$b"
+    run python3 -m babygpt_bench.bench --backend torch --preset gpt2 --batch $b --seq 1024 --steps 10 --fsdp --profile /tmp/fp/fsdp-$b --profile-steps 2 --out "$OUT/fsdp-fsdp-$b"
   done
   echo "--- host ops, fsdp, batch 16"; head -34 /tmp/fp/fsdp-16/torch/torch_ops.txt | cut -c1-190 | tee -a "$OUT/session.log"
   ;;

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere.
+# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere. The
+# one place the tests set it: subprocesses inherit it (a multi-process test sets each process's own).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -33,29 +34,37 @@ def tiny_dataset(tmp_path):
     return root
 
 
+# The tiny run every training test starts from: 2 layers, a 16-token context, a few steps; tests add
+# their own `section.key=value` overrides after it (later ones win).
+TINY_OVERRIDES = (
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=16",
+    "model.vocab_size=100",
+    "train.max_steps=6",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.max_lr=1e-2",
+    "train.eval_interval=3",
+    "train.eval_steps=2",
+    "train.checkpoint_interval=3",
+    "train.log_interval=1",
+    "train.sample_tokens=0",
+    "data.dataset=tiny",
+    "run.name=tiny",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """The tiny run's overrides, without its data and output directories."""
+    return list(TINY_OVERRIDES)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_dataset) -> Config:
     """A complete run config on the tiny dataset: 2 layers, 16-token context, a few steps."""
     return load_config(
-        None,
-        [
-            "model.n_layer=2",
-            "model.n_head=2",
-            "model.n_embd=32",
-            "model.block_size=16",
-            "model.vocab_size=100",
-            "train.max_steps=6",
-            "train.micro_batch_size=4",
-            "train.warmup_steps=2",
-            "train.max_lr=1e-2",
-            "train.eval_interval=3",
-            "train.eval_steps=2",
-            "train.checkpoint_interval=3",
-            "train.log_interval=1",
-            "train.sample_tokens=0",
-            "data.dataset=tiny",
-            f"data.data_dir={tiny_dataset}",
-            f"run.out_dir={tmp_path / 'out'}",
-            "run.name=tiny",
-        ],
+        None, [*TINY_OVERRIDES, f"data.data_dir={tiny_dataset}", f"run.out_dir={tmp_path / 'out'}"]
     )

@@ -1,8 +1,8 @@
-"""parity.bench end to end on CPU (training, decoding, --profile, bad input) and parity.profile's trace parsing.
+"""babygpt_bench.bench end to end on CPU (training, decoding, --profile, bad input) and babygpt_bench.profile's trace parsing.
 
 Each bench run is a real subprocess with the smallest model that still works, shared by the tests
 that read it. The children see one CPU device and no GPU, as a one-GPU run sees one device, so the
-rows carry no MFU or peak memory. parity.profile is tested on hand-written Chrome traces of both
+rows carry no MFU or peak memory. babygpt_bench.profile is tested on hand-written Chrome traces of both
 shapes it parses, since a CPU run writes no device kernels. Nothing here asserts a speed.
 """
 
@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 
 from babygpt.flops import flops_per_token
-from parity import bench
-from parity.profile import CATEGORIES, _load, categorize, device_kernels, format_summary, summarize
+from babygpt_bench import bench
+from babygpt_bench.profile import CATEGORIES, _load, categorize, device_kernels, format_summary, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_FIELDS = {f.name for f in dataclasses.fields(bench.Row)}
@@ -36,7 +36,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "BABYGPT_PEAK_FLOPS")}
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [sys.executable, "-m", "parity.bench", *args],
+        [sys.executable, "-m", "babygpt_bench.bench", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -206,7 +206,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
 
 def test_train_row_mfu_uses_the_devices_peak_and_none_on_cpu(monkeypatch):
     monkeypatch.delenv("BABYGPT_PEAK_FLOPS", raising=False)
-    args = SimpleNamespace(preset="tiny", seq=32, batch_list=[4, 8], remat=False, fsdp=False)
+    args = SimpleNamespace(preset="tiny", seq=32, batch_list=[4, 8], remat=False, fsdp=False, compile=False)
     config = bench._config(args)
     assert config.model.block_size == 32 and config.train.micro_batch_size == 4
     times = [0.030, 0.010, 0.020]  # seconds
@@ -246,7 +246,7 @@ def test_format_table_marks_missing_values_and_hf_cache():
 
 
 # ---------------------------------------------------------------------------------------------
-# parity.profile on synthetic traces
+# babygpt_bench.profile on synthetic traces
 
 KERNEL_CATEGORIES = [
     # attention first: flash kernels also name cutlass, cuDNN's fused attention names sdpa or flash

@@ -248,14 +248,14 @@ def test_both_backends_load_a_multi_shard_prepared_dataset(prepared):
         ],
     )
     plan = plan_batch(config, devices=1)
-    torch_train, torch_val = torch_loaders(config, plan, rank=0, device="cpu")
+    torch_train, torch_val = torch_loaders(config, plan, rank=0)
     jax_train, jax_val = jax_loaders(config, plan, process_index=0, local_devices=1)
     train_shards = [np.load(p) for p in sorted(prepared.glob("train_*.npy"))]
     assert len(torch_train.windows.shards) == len(train_shards) > 4
 
     seen = set()
     for _ in range(20):
-        x, y = torch_train.next_batch()
+        (x,), (y,) = torch_train.next_batch()  # one step of one micro-batch
         jx, jy = jax_train.next_batch()
         np.testing.assert_array_equal(x.numpy(), jx[0])
         np.testing.assert_array_equal(y.numpy(), jy[0])
@@ -266,7 +266,7 @@ def test_both_backends_load_a_multi_shard_prepared_dataset(prepared):
     assert len(seen) > 1  # the shuffled order visits several shards
 
     val = np.load(prepared / "val_000000.npy")
-    x, y = torch_val.next_batch()
+    (x,), (y,) = torch_val.next_batch()
     np.testing.assert_array_equal(x.numpy()[0], val[:64])  # validation reads its shard in file order
     np.testing.assert_array_equal(y.numpy()[0], val[1:65])
     assert isinstance(torch_val.windows, TokenWindows)

@@ -1,0 +1,475 @@
+"""Side-by-side benchmark of the two backends: the full training step, or KV-cache decoding.
+
+    python -m parity.bench --backend jax,torch --preset gpt2 --batch 32 --seq 1024 --steps 30
+    python -m parity.bench --mode generate --backend jax,torch,hf --batch 1,32 --prompt-len 128 --new-tokens 256
+
+Each backend runs in its own subprocess (so JAX's and torch's allocators never share a GPU) and
+times the step each backend's `train.py` runs: forward, backward, gradient clipping and the AdamW
+update, on random tokens, after warm-up and compilation, synchronizing the device after every
+step. Prints one row per backend and writes `bench.json` and a bar chart to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from babygpt.cli import run_cli
+from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig, require_positive
+from babygpt.flops import flops_per_token, peak_flops
+from babygpt_bench.profile import format_summary, profile_jax, profile_torch
+
+TRAIN_BACKENDS = ("jax", "torch")
+GENERATE_BACKENDS = ("jax", "torch", "hf")
+
+
+@dataclasses.dataclass
+class Row:
+    backend: str
+    mode: str
+    preset: str
+    batch: int
+    seq: int
+    device: str
+    ms_median: float
+    ms_min: float
+    ms_max: float
+    tokens_per_s: float
+    mfu: float | None
+    peak_mem_gb: float | None
+    compile_s: float
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _stats(times: list[float]) -> tuple[float, float, float]:
+    ms = [1000 * t for t in times]
+    return statistics.median(ms), min(ms), max(ms)
+
+
+def _config(args) -> Config:
+    model = ModelConfig.preset(args.preset, block_size=args.seq)
+    train = TrainConfig(
+        max_steps=10_000,
+        micro_batch_size=args.batch_list[0],
+        warmup_steps=10,
+        remat=args.remat,
+        fsdp=args.fsdp,
+        compile=args.compile,
+    )
+    return Config(model=model, train=train)
+
+
+# ---------------------------------------------------------------------------------------------
+# training step
+
+
+def bench_train_torch(args) -> Row:
+    import torch
+
+    from babygpt_torch.model import GPT
+    from babygpt_torch.parallel import setup_distributed
+    from babygpt_torch.train import init_state, train_step
+
+    config = _config(args)
+    dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
+    cuda = dist.device.type == "cuda"
+    torch.manual_seed(0)
+    model = GPT(config.model, remat=args.remat)
+    state = init_state(model, config, dist)  # placed, sharded and compiled as train.py does
+    B, T = args.batch_list[0], args.seq
+    # One optimizer step of one micro-batch, on fixed random tokens: speed does not depend on them.
+    x = torch.randint(0, config.model.vocab_size, (1, B, T), device=dist.device)
+    y = torch.randint(0, config.model.vocab_size, (1, B, T), device=dist.device)
+    batch = (x, y)
+    dtype = torch.bfloat16 if cuda and args.dtype == "bfloat16" else torch.float32
+
+    def step():
+        train_step(state, batch, autocast_dtype=dtype, grad_clip=1.0)
+        if cuda:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    compile_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    row = _train_row("torch", args, config, name, times, compile_s, peak_mem)
+    if args.profile:
+        row.extra["profile"] = profile_torch(step, args.profile_steps, Path(args.profile) / "torch")
+    return row
+
+
+def bench_train_jax(args) -> Row:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from babygpt_jax.model import GPT
+    from babygpt_jax.optim import lr_schedule, make_optimizer
+    from babygpt_jax.parallel import batch_sharding, make_global_batch, make_mesh
+    from babygpt_jax.train import init_state, make_train_step
+
+    config = _config(args)
+    gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if gpu and args.dtype == "bfloat16" else jnp.float32
+    mesh = make_mesh(config)
+    model = GPT(config.model, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)
+    optimizer = make_optimizer(config.train)
+    graphdef, rest, state, sharding = init_state(model, optimizer, mesh, args.fsdp, 0)
+    step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule(config.train), mesh, sharding)
+    B, T = args.batch_list[0], args.seq
+    rng = np.random.default_rng(0)
+    batches = batch_sharding(mesh)
+    # One optimizer step of one micro-batch, on fixed random tokens: speed does not depend on them.
+    x = make_global_batch(rng.integers(0, config.model.vocab_size, (1, B, T), dtype=np.int32), batches)
+    y = make_global_batch(rng.integers(0, config.model.vocab_size, (1, B, T), dtype=np.int32), batches)
+    batch = (x, y)
+    states = [state]  # the step donates the state: each call takes the last one's result
+
+    def step():
+        new_state, metrics = step_fn(states.pop(), batch)
+        states.append(new_state)
+        metrics["loss"].block_until_ready()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak_mem = stats.get("peak_bytes_in_use", 0) / 2**30 if gpu else None
+    row = _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
+    if args.profile:
+        row.extra["profile"] = profile_jax(step, args.profile_steps, Path(args.profile) / "jax")
+    return row
+
+
+def _train_row(backend, args, config, device, times, compile_s, peak_mem) -> Row:
+    med, lo, hi = _stats(times)
+    tokens = args.batch_list[0] * args.seq
+    tps = tokens / (med / 1000)
+    peak = peak_flops(device) if device != "cpu" else None
+    mfu = tps * flops_per_token(config.model, args.seq) / peak if peak else None
+    return Row(
+        backend,
+        "train",
+        args.preset,
+        args.batch_list[0],
+        args.seq,
+        device,
+        med,
+        lo,
+        hi,
+        tps,
+        mfu,
+        peak_mem,
+        compile_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def bench_generate(args) -> list[Row]:
+    """New tokens per second for a batch of prompts: prefill once, then `new_tokens` decode steps."""
+    import numpy as np
+
+    model_config = ModelConfig.preset(args.preset)
+    rows = []
+    for batch in args.batch_list:
+        prompts = np.random.default_rng(0).integers(0, 50000, (batch, args.prompt_len)).tolist()
+        run, device, peak_mem = _generator(args, model_config)
+        t0 = time.perf_counter()
+        run(prompts)  # warm-up and compilation
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            run(prompts)
+            times.append(time.perf_counter() - t)
+        med, lo, hi = _stats(times)
+        tps = batch * args.new_tokens / (med / 1000)
+        rows.append(
+            Row(
+                args.backend,
+                "generate",
+                args.preset,
+                batch,
+                args.prompt_len,
+                device,
+                med,
+                lo,
+                hi,
+                tps,
+                None,
+                peak_mem(),
+                compile_s,
+                {"new_tokens": args.new_tokens},
+            )
+        )
+    return rows
+
+
+def _generator(args, model_config: ModelConfig):
+    """(run(prompts), device name, peak memory fn) for one backend, with random GPT-2 weights."""
+    n = args.new_tokens
+    if args.backend == "torch":
+        import torch
+
+        from babygpt_torch.generate import generate
+        from babygpt_torch.model import GPT
+
+        cuda = torch.cuda.is_available()
+        torch.manual_seed(0)
+        model = GPT(model_config).to("cuda" if cuda else "cpu").eval()
+        if cuda:
+            model = model.to(torch.bfloat16)  # inference holds the weights in bf16: half the bytes per step
+
+        def run(prompts):
+            generate(model, prompts, n, temperature=0.0, stop_token=None)
+            if cuda:
+                torch.cuda.synchronize()
+
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        return run, name, lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if args.backend == "jax":
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from babygpt_jax.generate import generate
+        from babygpt_jax.model import GPT
+
+        gpu = jax.default_backend() == "gpu"
+        model = GPT(model_config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16 if gpu else jnp.float32)
+        if gpu:  # bf16 weights, as for torch
+            state = nnx.state(model, nnx.Param)
+            nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state))
+
+        def run(prompts):
+            out = generate(model, prompts, n, temperature=0.0, stop_token=None)
+            return out
+
+        device = jax.devices()[0]
+        return (
+            run,
+            device.device_kind if gpu else "cpu",
+            lambda: (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 if gpu else None,
+        )
+    if args.backend == "hf":
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cuda = torch.cuda.is_available()
+        hf_config = GPT2Config(
+            n_layer=model_config.n_layer,
+            n_head=model_config.n_head,
+            n_embd=model_config.n_embd,
+            n_positions=model_config.block_size,
+        )
+        model = (
+            GPT2LMHeadModel(hf_config)
+            .to("cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
+            .eval()
+        )
+
+        def run(prompts):
+            ids = torch.tensor(prompts, device=model.device)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                cache_implementation=args.hf_cache,
+                pad_token_id=50256,
+            )
+            if cuda:
+                torch.cuda.synchronize()
+
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        return run, name, lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    raise BabyGPTError(
+        f"unknown backend {args.backend!r} for --mode generate; choose from {', '.join(GENERATE_BACKENDS)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: one subprocess per backend, then the table, bench.json and the plot
+
+
+def _child(args) -> None:
+    if args.mode == "train":
+        rows = [bench_train_jax(args) if args.backend == "jax" else bench_train_torch(args)]
+    else:
+        rows = bench_generate(args)
+    print("BENCH_JSON " + json.dumps([dataclasses.asdict(r) for r in rows]), flush=True)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'backend':<8} {'mode':<8} {'preset':<12} {'batch':>5} {'seq':>5} {'ms/step (min-max)':>22} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spread = f"{r['ms_median']:.2f} ({r['ms_min']:.1f}-{r['ms_max']:.1f})"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        label = r["backend"] + (f"/{r['extra']['hf_cache']}" if r["extra"].get("hf_cache") else "")
+        lines.append(
+            f"{label:<8} {r['mode']:<8} {r['preset']:<12} {r['batch']:>5} {r['seq']:>5} {spread:>22} {r['tokens_per_s']:>12,.0f} {mfu:>6} {mem:>8} {r['compile_s']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['backend']}\n{r['preset']} b{r['batch']}" for r in rows]
+    values = [r["tokens_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(rows)), 3.5))
+    bars = ax.bar(
+        labels,
+        values,
+        color=[
+            "#4c72b0" if r["backend"] == "jax" else "#dd8452" if r["backend"] == "torch" else "#55a868"
+            for r in rows
+        ],
+    )
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    mode = rows[0]["mode"] if rows else ""
+    ax.set_ylabel("new tokens/s" if mode == "generate" else "training tokens/s")
+    ax.set_title(f"babyGPT {mode} throughput on {rows[0]['device'] if rows else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backend", default="jax,torch", help="comma-separated: jax, torch (and hf for --mode generate)"
+    )
+    parser.add_argument("--mode", choices=("train", "generate"), default="train")
+    parser.add_argument(
+        "--preset", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, small, tiny"
+    )
+    parser.add_argument(
+        "--batch", default="32", help="micro batch (train) or comma-separated batch sizes (generate)"
+    )
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute dtype on GPU (CPU: float32)",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the torch model"
+    )
+    parser.add_argument("--remat", action="store_true", help="activation checkpointing")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="shard params and optimizer state (torch: FSDP2; jax: the mesh)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--hf-cache", default="static", help="transformers cache_implementation (static or dynamic)"
+    )
+    parser.add_argument("--out", default="out/bench", help="where bench.json and bench.png go")
+    parser.add_argument(
+        "--profile", default="", help="train mode: also profile --profile-steps steps, traces in this folder"
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    try:
+        args.batch_list = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise BabyGPTError(f"--batch {args.batch!r}: expected integers separated by commas") from None
+    for option, value in (
+        ("--seq", args.seq),
+        ("--steps", args.steps),
+        ("--profile-steps", args.profile_steps),
+    ):
+        require_positive(option, value)
+    for batch in args.batch_list:
+        require_positive("--batch", batch)
+    if args.mode == "generate" and args.hf_cache == "dynamic":
+        args.hf_cache = None  # transformers' default
+    if args.child:
+        return _child(args)
+
+    known = TRAIN_BACKENDS if args.mode == "train" else GENERATE_BACKENDS
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends:
+        raise BabyGPTError(f"--backend {args.backend!r}: name at least one of {', '.join(known)}")
+    for b in backends:
+        if b not in known:
+            raise BabyGPTError(
+                f"unknown backend {b!r} for --mode {args.mode}; choose from {', '.join(known)}"
+            )
+    ModelConfig.preset(args.preset)  # fail early on a bad name
+    rows = []
+    child_args, skip = [], False
+    for a in sys.argv[1:]:  # everything but --backend, which each child gets alone
+        if skip or a.startswith("--backend"):
+            skip = a == "--backend"
+            continue
+        child_args.append(a)
+    for backend in backends:
+        cmd = [sys.executable, "-m", "babygpt_bench.bench", *child_args, f"--backend={backend}", "--child"]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+        if proc.returncode != 0 or not found:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            print(f"{backend}: failed (exit {proc.returncode})\n  " + "\n  ".join(tail), file=sys.stderr)
+            continue
+        for row in json.loads(found[-1][len("BENCH_JSON ") :]):
+            if backend == "hf":
+                row["extra"]["hf_cache"] = args.hf_cache or "dynamic"
+            rows.append(row)
+    if not rows:
+        raise BabyGPTError("no backend produced a result (see the errors above)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+    plot(rows, out / "bench.png")
+    print(format_table(rows))
+    for row in rows:
+        if "profile" in row["extra"]:
+            print(format_summary(row["backend"], row["extra"]["profile"]))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
