@@ -1,0 +1,117 @@
+"""How much memory a training run needs, estimated before it starts, and a refusal in one line.
+
+Framework-free: both backends' `train.py` and the benchmark call `check_fits` with the device's
+memory from their `parallel.device_memory()` (host RAM on a CPU, the accelerator's on a GPU), so
+that a GPU-sized command on a CPU stops with the estimate and the fix instead of an out-of-memory
+traceback or the kernel's OOM killer.
+
+The estimate, per device, for one optimizer step at the configured micro-batch:
+- parameters (float32), their gradients and AdamW's two moments: 16 bytes a parameter, divided
+  over the devices under `train.fsdp`; plus a bfloat16 copy of the weights when compute is bf16;
+- activations kept for the backward pass, per token and layer: the float32 residual stream and
+  LayerNorm inputs (8·C bytes) and the compute-dtype tensors the matmuls save (14·C values:
+  LayerNorm outputs, q, k, v, the attention output, the MLP's 4C hidden before and after GELU);
+  with `train.remat` only each block's input is kept, plus one block recomputed at a time;
+- the attention scores and probabilities (B·n_head·T² float32, twice, per layer) off a GPU, where
+  attention is not fused;
+- the logits: B·T·padded_vocab values in the compute dtype, their float32 log-softmax for the loss
+  and their gradient in the compute dtype (the largest tensors at GPT-2's vocabulary);
+- a fixed allowance for the runtime itself (the framework, its compiled code, the data).
+
+Calibration (the ratio is estimate / measured peak). GPU, bf16, fused attention, from
+docs/benchmarks.md (H100 / H200): GPT-2 124M at 32 × 1024, 21.3–23.9 GiB measured, estimate
+25.6 GiB (1.07–1.20); 774M at 8 × 1024, 25.4–28.1 GiB, estimate 29.9 GiB (1.06–1.18); 1.5B at
+8 × 1024, 44.4–48.7 GiB, estimate 51.4 GiB (1.06–1.16). CPU, float32: peak resident memory of
+short runs of both backends (`/usr/bin/time -v`), listed in `CPU_CALIBRATION` below. So the
+estimate errs high by up to about a fifth where memory matters, and `check_fits` refuses only
+when it exceeds `FITS` (90%) of the device's memory: a run that fits today is not refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from babygpt.config import BabyGPTError, Config, compute_dtype_name
+from babygpt.flops import num_params
+
+FITS = 0.9  # refuse when the estimate exceeds this share of the device's memory
+RUNTIME_BYTES = 1 << 30  # the framework, its compiled code, the data loader: about 1 GiB
+GIB = 1 << 30
+
+
+def training_bytes(config: Config, devices: int, compute_dtype: str, gpu: bool) -> dict[str, int]:
+    """Bytes per device of one training step, by part: params_and_optimizer, activations,
+    attention, logits, runtime (and their total). `compute_dtype` is "float32" or "bfloat16"."""
+    m, t = config.model, config.train
+    P, C, L = num_params(m), m.n_embd, m.n_layer
+    B, T = t.micro_batch_size, m.block_size
+    s = 2 if compute_dtype == "bfloat16" else 4
+    shards = devices if t.fsdp else 1
+    states = 16 * P // shards + (2 * P if s == 2 else 0)
+    per_layer = B * T * (8 * C + 14 * s * C)  # what one block keeps for its backward
+    if t.remat:  # each block's input (float32), and one block's activations while it is recomputed
+        activations = L * B * T * 4 * C + per_layer
+    else:
+        activations = L * per_layer
+    scores = 0 if gpu else 2 * 4 * B * m.n_head * T * T  # scores and probabilities, float32
+    attention = scores if t.remat else L * scores
+    logits = B * T * m.padded_vocab_size * (2 * s + 4)
+    parts = {
+        "params_and_optimizer": states,
+        "activations": activations,
+        "attention": attention,
+        "logits": logits,
+        "runtime": RUNTIME_BYTES,
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
+def check_fits(config: Config, devices: int, memory: int, device: str) -> dict[str, int]:
+    """The estimate, or a BabyGPTError in one line naming it, the device's memory and the fix.
+
+    `memory` is one device's bytes (`parallel.device_memory()`); `device` is the framework's
+    platform name (cpu, gpu, cuda), which decides the compute dtype as `train.dtype` does.
+    """
+    gpu = device in ("gpu", "cuda")
+    dtype = compute_dtype_name(config.train.dtype, device)
+    estimate = training_bytes(config, devices, dtype, gpu)
+    if _fits(config, devices, dtype, gpu, memory):
+        return estimate
+    t = config.train
+    fixes = []
+    smaller = _largest_micro_batch(config, devices, dtype, gpu, memory)
+    if smaller:
+        keeps = " (the step keeps its size: more accumulation)" if t.total_batch_tokens else ""
+        fixes.append(f"train.micro_batch_size={smaller}{keeps}")
+    if not t.remat and _fits(_with(config, remat=True), devices, dtype, gpu, memory):
+        fixes.append("train.remat=true")
+    fixes.append("a GPU" if not gpu else "more GPUs with train.fsdp=true")
+    where = "host RAM" if not gpu else "GPU memory"
+    raise BabyGPTError(
+        f"this run needs about {estimate['total'] / GIB:.1f} GiB per device"
+        f" (micro-batch {t.micro_batch_size} x {config.model.block_size} tokens, {dtype};"
+        f" logits alone {estimate['logits'] / GIB:.1f} GiB) but the {device} has {memory / GIB:.1f} GiB"
+        f" of {where}; try {', or '.join(fixes)}"
+    )
+
+
+def _largest_micro_batch(config: Config, devices: int, dtype: str, gpu: bool, memory: int) -> int:
+    """The largest micro-batch (the asked one halved, and again) that fits, or 0 if none does."""
+    B = config.train.micro_batch_size // 2
+    while B >= 1 and not _fits(_with(config, micro_batch_size=B), devices, dtype, gpu, memory):
+        B //= 2
+    return B
+
+
+def _with(config: Config, **train) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
+
+
+def _fits(config: Config, devices: int, dtype: str, gpu: bool, memory: int) -> bool:
+    return training_bytes(config, devices, dtype, gpu)["total"] <= FITS * memory
+
+
+def host_memory() -> int:
+    """Bytes of RAM on this machine: a CPU device's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
