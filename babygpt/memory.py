@@ -67,11 +67,17 @@ def training_bytes(config: Config, devices: int, compute_dtype: str, gpu: bool) 
     return {**parts, "total": sum(parts.values())}
 
 
-def check_fits(config: Config, devices: int, memory: int, device: str) -> dict[str, int]:
+CONFIG_FLAGS = {"micro_batch_size": "train.micro_batch_size={}", "remat": "train.remat=true"}
+
+
+def check_fits(
+    config: Config, devices: int, memory: int, device: str, flags: dict[str, str] = CONFIG_FLAGS
+) -> dict[str, int]:
     """The estimate, or a BabyGPTError in one line naming it, the device's memory and the fix.
 
     `memory` is one device's bytes (`parallel.device_memory()`); `device` is the framework's
-    platform name (cpu, gpu, cuda), which decides the compute dtype as `train.dtype` does.
+    platform name (cpu, gpu, cuda), which decides the compute dtype as `train.dtype` does. `flags`
+    spells the fixes the caller's way (overrides for train.py, flags for the benchmark).
     """
     gpu = device in ("gpu", "cuda")
     dtype = compute_dtype_name(config.train.dtype, device)
@@ -83,9 +89,9 @@ def check_fits(config: Config, devices: int, memory: int, device: str) -> dict[s
     smaller = _largest_micro_batch(config, devices, dtype, gpu, memory)
     if smaller:
         keeps = " (the step keeps its size: more accumulation)" if t.total_batch_tokens else ""
-        fixes.append(f"train.micro_batch_size={smaller}{keeps}")
+        fixes.append(flags["micro_batch_size"].format(smaller) + keeps)
     if not t.remat and _fits(_with(config, remat=True), devices, dtype, gpu, memory):
-        fixes.append("train.remat=true")
+        fixes.append(flags["remat"])
     fixes.append("a GPU" if not gpu else "more GPUs with train.fsdp=true")
     where = "host RAM" if not gpu else "GPU memory"
     raise BabyGPTError(
