@@ -80,7 +80,7 @@ def bench_train_torch(args) -> Row:
     from babygpt_torch.train import init_state, train_step
 
     config = _config(args)
-    check_fits(config, 1, *device_memory(), flags=BENCH_FLAGS)  # one line, not the OOM killer
+    check_fits(config, 1, *device_memory(), flags=BENCH_FLAGS, eager_loss=not args.compile)
     dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
     cuda = dist.device.type == "cuda"
     torch.manual_seed(0)

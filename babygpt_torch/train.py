@@ -126,7 +126,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
         parallel.barrier("dataset")
         ensure_dataset(config)
         plan = plan_batch(config, dist.world_size)
-        check_fits(config, plan.devices, *parallel.device_memory())  # before anything is allocated
+        check_fits(config, plan.devices, *parallel.device_memory(), eager_loss=not t.compile)
         autocast_dtype = getattr(torch, compute_dtype_name(t.dtype, dist.device.type))
         torch.manual_seed(t.seed)  # every rank builds the same initial model
         model = _build_model(config)

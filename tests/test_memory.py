@@ -12,7 +12,7 @@ import pytest
 
 from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig, load_config
 from babygpt.flops import num_params
-from babygpt.memory import FITS, GIB, check_fits, host_memory, training_bytes
+from babygpt.memory import EAGER_LOGITS, FITS, GIB, check_fits, host_memory, training_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 # What each framework reports for one GPU: torch's total_memory; JAX's allocator limit is 75% of it.
@@ -35,6 +35,8 @@ def test_parts_follow_the_model_and_the_batch():
     assert bf16["params_and_optimizer"] == 18 * P  # and a bfloat16 copy of the weights
     assert fp32["logits"] == B * T * V * 12 and bf16["logits"] == B * T * V * 8
     assert bf16["attention"] == 0 < fp32["attention"]  # fused on a GPU, materialized on a CPU
+    eager = training_bytes(config, 1, "float32", gpu=False, eager_loss=True)
+    assert eager["logits"] == B * T * V * EAGER_LOGITS  # torch's loss head, op by op
     assert fp32["total"] == sum(v for k, v in fp32.items() if k != "total")
     double = training_bytes(_config("gpt2", 16), 1, "float32", gpu=False)
     for part in ("activations", "attention", "logits"):
