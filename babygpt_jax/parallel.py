@@ -205,7 +205,8 @@ def shutdown() -> None:
 
 
 def device_memory() -> tuple[int, str]:
-    """(bytes one device may use, its platform): XLA's allocator limit on a GPU, host RAM on a CPU.
+    """(bytes one device may use, its platform): XLA's allocator limit on a GPU, on a CPU the host's
+    RAM shared by this process's (virtual) devices.
 
     The limit is what JAX may allocate (75% of the GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says
     otherwise), not the GPU's total: that is the memory a training step has.
@@ -214,4 +215,4 @@ def device_memory() -> tuple[int, str]:
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]), device.platform
-    return host_memory(), device.platform
+    return host_memory() // jax.local_device_count(), device.platform

@@ -202,8 +202,9 @@ def shutdown() -> None:
 
 
 def device_memory() -> tuple[int, str]:
-    """(bytes one device has, its platform): this process's GPU's total memory, host RAM on a CPU."""
+    """(bytes one device has, its platform): this process's GPU's total memory, or on a CPU the
+    host's RAM shared by the processes torchrun started on this machine."""
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory, "cuda"
-    return host_memory(), "cpu"
+    return host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "cpu"
