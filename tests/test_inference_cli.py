@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from babygpt.config import ModelConfig
+from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.hf import GPT2_FUNCTION, write_hf_dir
+from babygpt.sampling import SamplingSettings
 from babygpt.tokenizer import EOT, get_tokenizer
 from babygpt_torch.model import GPT, hf_tensors
 
@@ -297,3 +298,25 @@ def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(t
     # The stopped sample's text ends its line before the message (the terminal echoes ^C there).
     assert "^C\r\nstopped; Ctrl-C again (or /quit) to leave\r\n> " in text, text
     assert "Traceback" not in text and "Segmentation" not in text
+
+
+def test_an_error_while_streaming_starts_its_own_line(rigged_dir, capsys, monkeypatch):
+    """The echoed prompt and the tokens so far end their line before the error is raised, so that
+    run_cli's `error: ...` (or the REPL's) never continues the streamed text."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from inference import Sampler
+
+    sampler = Sampler("torch", rigged_dir, compile=False)
+    real = sampler.generate
+
+    def failing(*args, on_token, **kwargs):
+        def on_token_then_fail(row: int, token: int) -> None:
+            on_token(row, token)
+            raise BabyGPTError("the device went away")
+
+        return real(*args, on_token=on_token_then_fail, **kwargs)
+
+    sampler.generate = failing
+    with pytest.raises(BabyGPTError, match="the device went away"):
+        sampler.run(PROMPT, SamplingSettings(temperature=0.0, max_tokens=8), 1, stream=True)
+    assert capsys.readouterr().out == PROMPT + " smile\n"  # the first token, then a newline
