@@ -107,9 +107,9 @@ def generate(
     Past the context: exactly nanoGPT's sliding window. Each token is conditioned on the last
     `block_size` tokens of its row; while the sequence fits, through the KV cache, and after that
     through a full forward over the window (`window_step`): the positions shift under every token,
-    so no cached key or value stays valid. That costs a full forward per token: on the default
-    model about 1.4 GFLOP (128 positions, mostly the tied head) against 11 MFLOP for a cached step,
-    tens of milliseconds on a CPU core, a second or two for the README's 200 tokens. An amortised
+    so no cached key or value stays valid. That costs a full forward per token (the tied head on
+    the last position only, as nanoGPT): on the default model about 150 MFLOP against 11 MFLOP for
+    a cached step, some milliseconds on a CPU core. An amortised
     re-prefill (refill the cache with the last half of the window every block_size / 2 tokens)
     would cost about two cached steps per token, but would condition on fewer tokens than nanoGPT
     does and give other text; exact is affordable here, so it is exact. Prompts keep their last `block_size` tokens
@@ -248,8 +248,17 @@ def _compiled_steps(graphdef, filtered: bool):
         of tokens before it: past the context, where every row samples."""
         temperature, top_k, top_p = settings
         filters = (top_k, top_p) if filtered else (None, None)
-        logits, _ = model_of(state)(window)  # (B, block_size, V)
-        return sample(logits[:, -1], jax.random.fold_in(key, pos), temperature, *filters).astype(jnp.int32)
+        model = model_of(state)
+        h = model.transformer
+        # GPT._logits with the tied head on the last position only, as nanoGPT's forward does at
+        # inference: the head over every position would cost most of the forward on a small model.
+        x = h.wte(window) + h.wpe(jnp.arange(window.shape[1]))  # (B, T, C)
+        for block in h.h:
+            x, _ = block(x)
+        x = h.ln_f(x[:, -1])  # (B, C)
+        logits = x.astype(model.dtype) @ h.wte.embedding[...].astype(model.dtype).T  # (B, V)
+        logits = jnp.where(jnp.arange(logits.shape[-1]) >= model.config.vocab_size, -jnp.inf, logits)
+        return sample(logits, jax.random.fold_in(key, pos), temperature, *filters).astype(jnp.int32)
 
     return (
         jax.jit(prefill, donate_argnums=1),

@@ -105,9 +105,9 @@ def generate(
     Past the context: exactly nanoGPT's sliding window. Each token is conditioned on the last
     `block_size` tokens of its row; while the sequence fits, through the KV cache, and after that
     through a full forward over the window (`window_logits`): the positions shift under every token,
-    so no cached key or value stays valid. That costs a full forward per token: on the default
-    model about 1.4 GFLOP (128 positions, mostly the tied head) against 11 MFLOP for a cached step,
-    tens of milliseconds on a CPU core, a second or two for the README's 200 tokens. An amortised
+    so no cached key or value stays valid. That costs a full forward per token (the tied head on
+    the last position only, as nanoGPT): on the default model about 150 MFLOP against 11 MFLOP for
+    a cached step, some milliseconds on a CPU core. An amortised
     re-prefill (refill the cache with the last half of the window every block_size / 2 tokens)
     would cost about two cached steps per token, but would condition on fewer tokens than nanoGPT
     does and give other text; exact is affordable here, so it is exact. Prompts keep their last `block_size` tokens
@@ -216,9 +216,15 @@ def _compiled_steps(
 
     def window_logits(window: torch.Tensor) -> torch.Tensor:
         """(B, V) logits for the token after a (B, block_size) window, from a full forward: past the
-        context. Eager: the forward over the whole window is the cost, not its launches."""
-        logits, _ = model(window)  # (B, block_size, V)
-        return logits[:, -1].float()
+        context. `GPT._logits` with the tied head on the last position only, as nanoGPT's
+        `forward` does at inference: the head over every position would cost most of the forward
+        on a small model. Eager: the forward over the whole window is the cost, not its launches."""
+        h = model.transformer
+        x = h.wte(window) + h.wpe(torch.arange(window.size(1), device=window.device))  # (B, T, C)
+        for block in h.h:
+            x, _ = block(x)
+        logits = model.lm_head(h.ln_f(x[:, -1]))  # (B, V)
+        return logits.masked_fill(model.vocab_pad, float("-inf")).float()
 
     buffers = (cache, tokens, lengths, pos)
     if not compile:
