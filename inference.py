@@ -6,7 +6,9 @@ python inference.py --checkpoint out/shakespeare-jax [--backend jax|torch] --pro
 
 The checkpoint is a directory with model.safetensors + config.json (what training exports, or
 OpenAI's GPT-2 in the Hugging Face layout); either backend samples a run of the other. In
---interactive mode each line is a prompt; /help lists the commands that change the settings.
+--interactive mode each line is a prompt; /help lists the commands that change the settings;
+Ctrl-C stops a sample and returns to the prompt, Ctrl-C at the prompt leaves. Any number of new
+tokens: past the model's context each token sees the last block_size tokens (a sliding window).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import time
 import tomllib
@@ -107,13 +110,19 @@ def check_checkpoint(checkpoint: Path) -> None:
 
 
 class Sampler:
-    """A loaded model, its backend's generate(), and the printing; counts tokens for the summary."""
+    """A loaded model, its backend's generate(), and the printing; counts tokens for the summary.
+
+    With `compile`, the first sample is preceded by an untimed warm-up call with the same batch
+    and settings, so that compilation (torch.compile, or JAX's jit) is not counted in tokens/s.
+    """
 
     def __init__(self, backend: str, checkpoint: Path, compile: bool):
         generate = importlib.import_module(f"babygpt_{backend}.generate")  # the same names in both
         self.model = generate.load_model(checkpoint)
         self.generate = generate.generate
+        self.wait_until_idle = generate.wait_until_idle
         self.compile = compile or None  # None: the backend's default (torch: CUDA graphs on a GPU)
+        self.warm_up = compile
         self.tokenizer = get_tokenizer()
         self.tokens = 0
         self.seconds = 0.0
@@ -122,52 +131,87 @@ class Sampler:
         ids = encode_prompt(prompt) if prompt is not None else [EOT]
         out = sys.stdout
         decoder = StreamDecoder.for_tokenizer(self.tokenizer)
+        line_open = False  # text on stdout not yet ended by a newline
+
+        def write(text: str) -> None:
+            nonlocal line_open
+            if text:
+                out.write(text)
+                out.flush()
+                line_open = not text.endswith("\n")
 
         def on_token(row: int, token: int) -> None:
             if row == 0:  # the other samples finish together with this one and are printed then
-                out.write(decoder.feed(token))
-                out.flush()
+                write(decoder.feed(token))
 
+        def generate(on_token) -> list[list[int]]:
+            return self.generate(
+                self.model,
+                [ids] * num_samples,
+                settings.max_tokens,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                seed=settings.seed,
+                stop_token=EOT,
+                on_token=on_token,
+                compile=self.compile,
+            )
+
+        if self.warm_up:
+            generate((lambda row, token: None) if stream else None)
+            self.warm_up = False
         if stream:
-            out.write(prompt or "")
-            out.flush()
-        start = time.perf_counter()
-        samples = self.generate(
-            self.model,
-            [ids] * num_samples,
-            settings.max_tokens,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            seed=settings.seed,
-            stop_token=EOT,
-            on_token=on_token if stream else None,
-            compile=self.compile,
-        )
-        self.seconds += time.perf_counter() - start
+            write(prompt or "")
+        try:
+            start = time.perf_counter()
+            samples = generate(on_token if stream else None)
+            self.seconds += time.perf_counter() - start
+        except BaseException:  # an error or a Ctrl-C says so on a line of its own
+            if line_open:
+                write("\n")
+            raise
         self.tokens += sum(len(s) for s in samples)
         for i, sample in enumerate(samples):
             if i > 0:
-                out.write("---\n")
+                write("---\n")
             if stream and i == 0:
-                out.write(decoder.flush() + "\n")
+                write(decoder.flush() + "\n")
             else:
-                out.write((prompt or "") + self.tokenizer.decode(sample) + "\n")
-        out.flush()
+                write((prompt or "") + self.tokenizer.decode(sample) + "\n")
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return f"{self.tokens} tokens in {self.seconds:.2f} s ({rate:.1f} tokens/s)"
+        after = ", after an untimed warm-up call that compiled the steps" if self.compile else ""
+        return f"{self.tokens} tokens in {self.seconds:.2f} s ({rate:.1f} tokens/s{after})"
+
+    def settle(self) -> None:
+        """After a Ctrl-C: wait until the device is idle, deferring another Ctrl-C until it is."""
+        interrupted = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        try:
+            self.wait_until_idle()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
 
 
-def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> None:
-    """Each line a prompt, or a /command changing the settings; /quit or end of input leaves."""
+def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
+    """Each line a prompt, or a /command changing the settings; /quit or end of input leaves (0).
+
+    Ctrl-C during a sample stops it and returns to the prompt; Ctrl-C at the prompt leaves (130).
+    """
     print(f"{REPL_HELP}\n", file=sys.stderr)
     turn = 0
     while True:
-        line = _read_line()
+        try:
+            line = _read_line()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
         if line is None or line.strip() == "/quit":
-            return
+            return 0
         line = line.rstrip("\n")
         if not line.strip():
             continue
@@ -181,6 +225,9 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> None
             turn += 1
         except BabyGPTError as e:  # a bad command or prompt: say so and keep the session
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            sampler.settle()
+            print("stopped; Ctrl-C again (or /quit) to leave", file=sys.stderr)
 
 
 def _read_line() -> str | None:
@@ -211,7 +258,7 @@ def _command(line: str, settings: SamplingSettings) -> SamplingSettings:
         raise BabyGPTError(f"{name} needs a number, e.g. {name} {kind(1)}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything the user can get wrong is checked before the (slow) backend import.
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.max_tokens, args.seed)
@@ -225,11 +272,17 @@ def main(argv: list[str] | None = None) -> None:
     # Said once the model has loaded, so that a directory it cannot load gets one line, the error.
     sampler = Sampler(backend, checkpoint, args.compile)
     log.info("sampling %s with the %s backend (%s)", checkpoint, backend, settings.describe())
-    if args.interactive:
-        repl(sampler, settings, args.num_samples)
-    else:
-        sampler.run(args.prompt, settings, args.num_samples, args.stream)
+    code = 0
+    try:
+        if args.interactive:
+            code = repl(sampler, settings, args.num_samples)
+        else:
+            sampler.run(args.prompt, settings, args.num_samples, args.stream)
+    except KeyboardInterrupt:
+        sampler.settle()  # the interpreter's teardown under a running computation can segfault
+        raise
     print(sampler.summary(), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Framework-free pieces of text generation that both `generate.py` files share.
 
-`SamplingSettings` (validated once, for the CLI and the REPL), the context policy that crops prompts
-to the model's window, the static cache and prefill lengths that keep JAX from recompiling, the
+`SamplingSettings` (validated once, for the CLI and the REPL), the context policy (a sliding window
+of `block_size` tokens, as nanoGPT's `generate`: the KV cache while the sequence fits, a full forward
+over the window past it), the static cache and prefill lengths that keep JAX from recompiling, the
 cut at the stop token, and `StreamDecoder`, which turns token ids into text that is safe to print
 as it comes (a character split across tokens is held back until its last byte arrives).
 """
@@ -59,31 +60,41 @@ class SamplingSettings:
 
 
 def crop_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int) -> list[list[int]]:
-    """The context policy: keep the last `block_size - max_new_tokens` tokens of each prompt.
+    """The context policy: keep the last `block_size` tokens of each prompt; any number of new tokens.
 
-    Every generated token then sits inside the window the model was trained on, and the KV cache is
-    filled once and never shifted. Asking for `block_size` new tokens or more leaves no room for a
-    prompt, which is an error rather than a silent slide of the window.
+    As nanoGPT's `generate`, every new token is conditioned on the last `block_size` tokens of its
+    row: while the sequence fits the context, through the KV cache; past it, through a full forward
+    over the sliding window (`generate`). The first new token then sees the prompt's last
+    `block_size` tokens, which is all nanoGPT lets it see, so the crop changes no output.
     """
     if max_new_tokens < 1:
         raise BabyGPTError(f"max new tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens >= block_size:
-        raise BabyGPTError(
-            f"{max_new_tokens} new tokens do not fit the model's context of {block_size} tokens"
-            f" together with a prompt; ask for at most {block_size - 1}"
-        )
     if not prompts:
         raise BabyGPTError("no prompts to generate from")
     if any(len(p) == 0 for p in prompts):
         raise BabyGPTError("a prompt is empty; give every prompt at least one token")
-    keep = block_size - max_new_tokens
-    return [list(p)[-keep:] for p in prompts]
+    return [list(p)[-block_size:] for p in prompts]
 
 
 def cache_length(prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int) -> int:
-    """Slots the KV cache needs (the last sampled token is never fed back), rounded up to a bucket."""
+    """Slots the KV cache needs (the last sampled token is never fed back), rounded up to a bucket.
+
+    Never more than the context: positions past it are decoded by the sliding window, not the cache.
+    """
     needed = max(len(p) for p in prompts) + max_new_tokens - 1
     return min(block_size, math.ceil(needed / CACHE_MULTIPLE) * CACHE_MULTIPLE)
+
+
+def cached_positions(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int
+) -> tuple[int, int]:
+    """(the last position the KV cache decodes, the last position any row needs).
+
+    The cache holds positions 0..block_size-1, so it chooses tokens up to position block_size; each
+    token after that is chosen by a full forward over the `block_size` tokens before it.
+    """
+    last = max(len(p) for p in prompts) + max_new_tokens - 1
+    return min(last, block_size), last
 
 
 def prefill_length(shortest_prompt: int, cache_len: int) -> int:

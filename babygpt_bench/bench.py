@@ -24,9 +24,11 @@ from pathlib import Path
 from babygpt.cli import run_cli
 from babygpt.config import BabyGPTError, Config, ModelConfig, TrainConfig, require_positive
 from babygpt.flops import flops_per_token, peak_flops
+from babygpt.memory import check_fits
 from babygpt_bench.profile import format_summary, profile_jax, profile_torch
 
 TRAIN_BACKENDS = ("jax", "torch")
+BENCH_FLAGS = {"micro_batch_size": "--batch {}", "remat": "--remat"}  # check_fits's fixes, as flags
 GENERATE_BACKENDS = ("jax", "torch", "hf")
 
 
@@ -74,10 +76,11 @@ def bench_train_torch(args) -> Row:
     import torch
 
     from babygpt_torch.model import GPT
-    from babygpt_torch.parallel import setup_distributed
+    from babygpt_torch.parallel import device_memory, setup_distributed
     from babygpt_torch.train import init_state, train_step
 
     config = _config(args)
+    check_fits(config, 1, *device_memory(), flags=BENCH_FLAGS, eager_loss=not args.compile)
     dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
     cuda = dist.device.type == "cuda"
     torch.manual_seed(0)
@@ -122,10 +125,11 @@ def bench_train_jax(args) -> Row:
 
     from babygpt_jax.model import GPT
     from babygpt_jax.optim import lr_schedule, make_optimizer
-    from babygpt_jax.parallel import batch_sharding, make_global_batch, make_mesh
+    from babygpt_jax.parallel import batch_sharding, device_memory, make_global_batch, make_mesh
     from babygpt_jax.train import init_state, make_train_step
 
     config = _config(args)
+    check_fits(config, 1, *device_memory(), flags=BENCH_FLAGS)  # the batch on one device: at most
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if gpu and args.dtype == "bfloat16" else jnp.float32
     mesh = make_mesh(config)
@@ -450,6 +454,9 @@ def main() -> None:
             cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
         found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        if proc.returncode == 2 and last.startswith("error: "):  # the child's one line, e.g. memory
+            raise BabyGPTError(last.removeprefix("error: "))
         if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
             print(f"{backend}: failed (exit {proc.returncode})\n  " + "\n  ".join(tail), file=sys.stderr)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from babygpt.sampling import RowCollector, cache_length, crop_prompts, prefill_length
+from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts, prefill_length
 from babygpt_jax.model import GPT
 
 
@@ -29,6 +29,17 @@ def load_model(path: str | Path) -> GPT:
     """A Hugging Face GPT-2 directory, ready to sample: bfloat16 compute on a GPU, float32 on CPU."""
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     return GPT.from_pretrained(path, dtype=dtype)
+
+
+def wait_until_idle() -> None:
+    """Return once the device has finished every computation dispatched so far.
+
+    After a Ctrl-C the host stops, but a dispatched step may still be running; tearing the
+    interpreter (and XLA's runtime) down under it crashed with a segmentation fault. Waiting on
+    every live array waits on every computation that can still write one (a donated array is
+    deleted, not waited on: its computation writes the array that replaced it).
+    """
+    jax.block_until_ready([a for a in jax.live_arrays() if not a.is_deleted()])
 
 
 def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p=None) -> jax.Array:
@@ -92,25 +103,38 @@ def generate(
     Batch layout: prompts are right-padded and every row steps through the same positions,
     starting after the shortest prompt; a row still inside its own (longer) prompt is fed its next
     prompt token instead of a sample. So each row sees exactly its own tokens at its own positions,
-    and a batch gives each prompt's greedy output alone. Prompts longer than
-    `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
+    and a batch gives each prompt's greedy output alone.
+    Past the context: exactly nanoGPT's sliding window. Each token is conditioned on the last
+    `block_size` tokens of its row; while the sequence fits, through the KV cache, and after that
+    through a full forward over the window (`window_step`): the positions shift under every token,
+    so no cached key or value stays valid. That costs a full forward per token (the tied head on
+    the last position only, as nanoGPT): on the default model about 150 MFLOP against 11 MFLOP for
+    a cached step, some milliseconds on a CPU core. An amortised
+    re-prefill (refill the cache with the last half of the window every block_size / 2 tokens)
+    would cost about two cached steps per token, but would condition on fewer tokens than nanoGPT
+    does and give other text; exact is affordable here, so it is exact. Prompts keep their last `block_size` tokens
+    (`babygpt.sampling.crop_prompts`), which is all the first new token can see anyway.
     `on_token(row, token)` is called for each new token as it is chosen; without it the whole
-    decode loop runs on the device in one call, and the host reads the tokens once at the end.
+    in-context decode loop runs on the device in one call, and the host reads the tokens once at
+    the end of it; past the context the host reads each token, one full forward per read.
     `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     lengths = [len(p) for p in prompts]
-    shortest, longest = min(lengths), max(lengths)
+    shortest = min(lengths)
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
-    # Every row's token at every position: the prompts, then what decoding chooses. One column
-    # more than the cache, because the last chosen token is never fed back.
-    padded = np.zeros((B, S + 1), np.int32)
+    cached_last, last = cached_positions(prompts, max_new_tokens, config.block_size)
+    # Every row's token at every position: the prompts, then what decoding chooses. At least one
+    # column more than the cache, because the last chosen token is never fed back.
+    padded = np.zeros((B, max(S, last) + 1), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
-    prefill, step, decode_loop = _compiled_steps(graphdef, top_k is not None or top_p is not None)
-    tokens, lengths_arr = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+    prefill, step, decode_loop, window_step = _compiled_steps(
+        graphdef, top_k is not None or top_p is not None
+    )
+    tokens, lengths_arr = jnp.asarray(padded[:, : S + 1]), jnp.asarray(lengths, jnp.int32)
     chunk = tokens[:, : prefill_length(shortest, S)]
     # Traced, so a new value reuses the compiled steps.
     settings = (
@@ -119,45 +143,50 @@ def generate(
         jnp.float32(1.0 if top_p is None else top_p),
     )
     key = jax.random.key(seed)
-    last = longest + max_new_tokens - 1  # the last position any row needs
     collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
 
     if on_token is None:
         ends = lengths_arr + max_new_tokens - 1  # each row's last position
         stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no token id matches
-        tokens = np.asarray(
-            decode_loop(
-                state,
-                chunk,
-                jnp.int32(shortest),
-                jnp.int32(last),
-                tokens,
-                lengths_arr,
-                ends,
-                stop,
-                key,
-                settings,
-            )
+        padded[:, : S + 1] = decode_loop(
+            state,
+            chunk,
+            jnp.int32(shortest),
+            jnp.int32(cached_last),
+            tokens,
+            lengths_arr,
+            ends,
+            stop,
+            key,
+            settings,
         )
-        for pos in range(shortest, last + 1):
-            collector.add(pos, tokens[:, pos].tolist())
+        for pos in range(shortest, cached_last + 1):
+            collector.add(pos, padded[:, pos].tolist())
             if collector.finished:
                 break
-        return collector.tokens
+    else:
+        cache = model.init_cache(B, S, model.dtype)
+        cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
+        for pos in range(shortest, cached_last + 1):
+            padded[:, pos] = np.asarray(token)
+            collector.add(pos, padded[:, pos].tolist())
+            if collector.finished or pos == cached_last:
+                break
+            cache, token = step(state, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
 
-    cache = model.init_cache(B, S, model.dtype)
-    cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
-    for pos in range(shortest, last + 1):
-        collector.add(pos, np.asarray(token).tolist())
-        if collector.finished or pos == last:
+    # Past the context every row samples (prompts fit it), one full forward over its window each.
+    for pos in range(cached_last + 1, last + 1):
+        if collector.finished:
             break
-        cache, token = step(state, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
+        window = jnp.asarray(padded[:, pos - config.block_size : pos])  # (B, block_size)
+        padded[:, pos] = np.asarray(window_step(state, window, jnp.int32(pos), key, settings))
+        collector.add(pos, padded[:, pos].tolist())
     return collector.tokens
 
 
 @functools.cache
 def _compiled_steps(graphdef, filtered: bool):
-    """The jitted prefill, decode step and whole decode loop for one model structure (and filters)."""
+    """The jitted prefill, decode step, whole decode loop and window step for one model structure (and filters)."""
 
     def model_of(state):
         model = nnx.merge(graphdef, state)
@@ -214,8 +243,26 @@ def _compiled_steps(graphdef, filtered: bool):
 
         return jax.lax.while_loop(not_done, body, (n, cache, tokens, done))[2]
 
+    def window_step(state, window, pos, key, settings):
+        """The token every row holds at `pos`, from a full forward over the (B, block_size) window
+        of tokens before it: past the context, where every row samples."""
+        temperature, top_k, top_p = settings
+        filters = (top_k, top_p) if filtered else (None, None)
+        model = model_of(state)
+        h = model.transformer
+        # GPT._logits with the tied head on the last position only, as nanoGPT's forward does at
+        # inference: the head over every position would cost most of the forward on a small model.
+        x = h.wte(window) + h.wpe(jnp.arange(window.shape[1]))  # (B, T, C)
+        for block in h.h:
+            x, _ = block(x)
+        x = h.ln_f(x[:, -1])  # (B, C)
+        logits = x.astype(model.dtype) @ h.wte.embedding[...].astype(model.dtype).T  # (B, V)
+        logits = jnp.where(jnp.arange(logits.shape[-1]) >= model.config.vocab_size, -jnp.inf, logits)
+        return sample(logits, jax.random.fold_in(key, pos), temperature, *filters).astype(jnp.int32)
+
     return (
         jax.jit(prefill, donate_argnums=1),
         jax.jit(step, donate_argnums=1),
         jax.jit(decode_loop, donate_argnums=4),
+        jax.jit(window_step),
     )

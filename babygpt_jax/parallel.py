@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from babygpt.config import Config
+from babygpt.memory import host_memory
 from babygpt.run import keep_freed_host_memory
 
 log = logging.getLogger(__name__)
@@ -202,3 +203,17 @@ def shutdown() -> None:
     if jax.process_count() > 1:
         barrier("shutdown")
         jax.distributed.shutdown()
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes one device may use, its platform): XLA's allocator limit on a GPU, on a CPU the host's
+    RAM shared by this process's (virtual) devices.
+
+    The limit is what JAX may allocate (75% of the GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+    otherwise), not the GPU's total: that is the memory a training step has.
+    """
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), device.platform
+    return host_memory() // jax.local_device_count(), device.platform

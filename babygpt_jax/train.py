@@ -22,6 +22,7 @@ from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
 from babygpt.data import ensure_dataset, eval_sequences, validation_batches
 from babygpt.flops import peak_flops
+from babygpt.memory import check_fits
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
 from babygpt_jax import parallel
 from babygpt_jax.checkpoint import (
@@ -162,6 +163,7 @@ def _train(config: Config) -> dict:
         parallel.barrier("dataset")
         ensure_dataset(config)
         plan, mesh = plan_batch(config, jax.device_count()), parallel.make_mesh(config)
+        check_fits(config, plan.devices, *parallel.device_memory())  # before anything is allocated
         dtype = jnp.dtype(compute_dtype_name(t.dtype, jax.default_backend())).type
         model = _build_model(config, dtype)
         optimizer = make_optimizer(t)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from babygpt.sampling import RowCollector, cache_length, crop_prompts
+from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts
 from babygpt_torch.model import GPT
 
 # Without a per-token callback, tokens stay on the device and the host looks for the stop token
@@ -29,6 +29,13 @@ def load_model(path: str | Path) -> GPT:
     """A Hugging Face GPT-2 directory, ready to sample: on a GPU if there is one (bfloat16 autocast)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return GPT.from_pretrained(path).to(device)
+
+
+def wait_until_idle() -> None:
+    """Return once the device has finished every kernel launched so far (on CUDA; the CPU runs
+    each op to its end before Python continues). Called after a Ctrl-C, before the next sample."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -94,33 +101,44 @@ def generate(
     Batch layout: prompts are right-padded and every row steps through the same positions,
     starting after the shortest prompt; a row still inside its own (longer) prompt is fed its next
     prompt token instead of a sample. So each row sees exactly its own tokens at its own positions,
-    and a batch gives each prompt's greedy output alone. Prompts longer than
-    `block_size - max_new_tokens` keep their last tokens (`babygpt.sampling.crop_prompts`).
+    and a batch gives each prompt's greedy output alone.
+    Past the context: exactly nanoGPT's sliding window. Each token is conditioned on the last
+    `block_size` tokens of its row; while the sequence fits, through the KV cache, and after that
+    through a full forward over the window (`window_logits`): the positions shift under every token,
+    so no cached key or value stays valid. That costs a full forward per token (the tied head on
+    the last position only, as nanoGPT): on the default model about 150 MFLOP against 11 MFLOP for
+    a cached step, some milliseconds on a CPU core. An amortised
+    re-prefill (refill the cache with the last half of the window every block_size / 2 tokens)
+    would cost about two cached steps per token, but would condition on fewer tokens than nanoGPT
+    does and give other text; exact is affordable here, so it is exact. Prompts keep their last `block_size` tokens
+    (`babygpt.sampling.crop_prompts`), which is all the first new token can see anyway.
     `on_token(row, token)` is called for each new token as it is chosen; without it the host reads
-    the tokens every CHECK_EVERY steps (with a stop token) or once at the end (without one).
+    the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
+    (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     lengths = [len(p) for p in prompts]
-    shortest, longest = min(lengths), max(lengths)
+    shortest = min(lengths)
     B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
-    # Every row's token at every position: the prompts, then what decoding chooses. One column
-    # more than the cache, because the last chosen token is never fed back.
-    padded = torch.zeros(B, S + 1, dtype=torch.long)
+    cached_last, last = cached_positions(prompts, max_new_tokens, config.block_size)
+    # Every row's token at every position: the prompts, then what decoding chooses. At least one
+    # column more than the cache, because the last chosen token is never fed back.
+    padded = torch.zeros(B, max(S, last) + 1, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
     device = model.lm_head.weight.device
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    buffers, (logits_at, commit, greedy_step) = _compiled_steps(
+    buffers, (logits_at, commit, greedy_step, window_logits) = _compiled_steps(
         model, B, S, device, dtype, on_gpu if compile is None else compile
     )
     cache, tokens, lengths_t, pos_t = buffers
-    tokens.copy_(padded)
+    tokens.copy_(padded[:, : S + 1])
+    padded = padded.to(device)
     lengths_t.copy_(torch.tensor(lengths))
     generator = torch.Generator(device).manual_seed(seed)
-    last = longest + max_new_tokens - 1  # the last position any row needs
     collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
 
     def step(pos: int) -> None:
@@ -139,17 +157,26 @@ def generate(
             pos_t.fill_(shortest - 1)
             commit(sample(logits[:, -1], generator, temperature, top_k, top_p))
             seen = shortest  # the first position the collector has not read
-            for pos in range(shortest, last + 1):
+            for pos in range(shortest, cached_last + 1):
                 due = stop_token is not None and (pos + 1 - shortest) % CHECK_EVERY == 0
-                if on_token is not None or due or pos == last:
+                if on_token is not None or due or pos == cached_last:
                     for p, column in zip(range(seen, pos + 1), tokens[:, seen : pos + 1].T.tolist()):
                         collector.add(p, column)
                     seen = pos + 1
                     if collector.finished:
                         break
-                if pos == last:
+                if pos == cached_last:
                     break
                 step(pos)
+            padded[:, : S + 1] = tokens
+
+            # Past the context every row samples (prompts fit it), one full forward over its window each.
+            for pos in range(cached_last + 1, last + 1):
+                if collector.finished:
+                    break
+                window = padded[:, pos - config.block_size : pos]  # (B, block_size)
+                padded[:, pos] = sample(window_logits(window), generator, temperature, top_k, top_p)
+                collector.add(pos, padded[:, pos].tolist())
     finally:
         model.train(was_training)
     return collector.tokens
@@ -163,7 +190,8 @@ def _compiled_steps(
 
     Buffers: the KV cache, every row's token at every position (B, S + 1), the prompt lengths (B,)
     and the position the next step decodes (1,). Steps: `logits_at()`, `commit(token)`, which
-    writes every row's token at the next position, and `greedy_step()`, the two with argmax between.
+    writes every row's token at the next position, `greedy_step()`, the two with argmax between,
+    and `window_logits(window)`, past the context.
     Capturable as a CUDA graph: fixed shapes, the position a device tensor, no read back to the
     host, and every buffer at a fixed address, so a graph replays with new values, not new tensors.
     """
@@ -186,11 +214,29 @@ def _compiled_steps(
     def greedy_step() -> None:
         commit(torch.argmax(logits_at(), dim=-1))
 
+    def window_logits(window: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits for the token after a (B, block_size) window, from a full forward: past the
+        context. `GPT._logits` with the tied head on the last position only, as nanoGPT's
+        `forward` does at inference: the head over every position would cost most of the forward
+        on a small model. Eager: the forward over the whole window is the cost, not its launches."""
+        h = model.transformer
+        x = h.wte(window) + h.wpe(torch.arange(window.size(1), device=window.device))  # (B, T, C)
+        for block in h.h:
+            x, _ = block(x)
+        logits = model.lm_head(h.ln_f(x[:, -1]))  # (B, V)
+        return logits.masked_fill(model.vocab_pad, float("-inf")).float()
+
     buffers = (cache, tokens, lengths, pos)
     if not compile:
-        return buffers, (logits_at, commit, greedy_step)
+        return buffers, (logits_at, commit, greedy_step, window_logits)
     for buffer in (tokens, lengths, pos, *(t for layer in cache for t in layer)):
         torch._dynamo.mark_static_address(buffer)  # written in place by the graph, never moved
     # reduce-overhead: CUDA graphs; fullgraph: a host sync (a graph break) fails loudly, not slowly.
     options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return buffers, (torch.compile(logits_at, **options), commit, torch.compile(greedy_step, **options))
+    steps = (
+        torch.compile(logits_at, **options),
+        commit,
+        torch.compile(greedy_step, **options),
+        window_logits,
+    )
+    return buffers, steps

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from babygpt.memory import host_memory
 from babygpt.run import keep_freed_host_memory
 
 # How long a collective may wait for a peer before the job fails rather than hangs. Long enough
@@ -198,3 +199,12 @@ def shutdown() -> None:
     if torch_dist.is_initialized():
         barrier("shutdown")
         torch_dist.destroy_process_group()
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes one device has, its platform): this process's GPU's total memory, or on a CPU the
+    host's RAM shared by the processes torchrun started on this machine."""
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, "cuda"
+    return host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "cpu"

@@ -21,6 +21,7 @@ from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
 from babygpt.data import ensure_dataset, eval_sequences, validation_batches
 from babygpt.flops import peak_flops
+from babygpt.memory import check_fits
 from babygpt.run import generate_sample, plan_batch, pretrained_tensors
 from babygpt_torch import parallel
 from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
@@ -127,6 +128,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
         parallel.barrier("dataset")
         ensure_dataset(config)
         plan = plan_batch(config, dist.world_size)
+        check_fits(config, plan.devices, *parallel.device_memory(), eager_loss=not t.compile)
         autocast_dtype = getattr(torch, compute_dtype_name(t.dtype, dist.device.type))
         torch.manual_seed(t.seed)  # every rank builds the same initial model
         model = _build_model(config)

@@ -1,4 +1,4 @@
-"""KV-cache generation in both backends: filters, seeds, cache vs full forward, batches, context policy.
+"""KV-cache generation in both backends: filters, seeds, cache vs full forward, batches, the sliding window.
 
 One tiny random model is written as a Hugging Face directory and loaded into both backends, so
 every test can hold the two generate() functions to the same answers.
@@ -16,7 +16,14 @@ import babygpt_jax.generate as jgen
 import babygpt_torch.generate as tgen
 from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.hf import write_hf_dir
-from babygpt.sampling import SamplingSettings, StreamDecoder, cache_length, crop_prompts, prefill_length
+from babygpt.sampling import (
+    SamplingSettings,
+    StreamDecoder,
+    cache_length,
+    cached_positions,
+    crop_prompts,
+    prefill_length,
+)
 from babygpt.tokenizer import get_tokenizer
 from babygpt_jax.model import GPT as JaxGPT
 from babygpt_torch.model import GPT as TorchGPT
@@ -38,6 +45,21 @@ def models(config, tmp_path_factory):
     """The same weights in both backends, through the Hugging Face directory format."""
     torch.manual_seed(0)
     hf_dir = write_hf_dir(tmp_path_factory.mktemp("hf") / "tiny", config, hf_tensors(TorchGPT(config)))
+    return {"torch": TorchGPT.from_pretrained(hf_dir), "jax": JaxGPT.from_pretrained(hf_dir)}
+
+
+@pytest.fixture(scope="module")
+def lively_models(config, tmp_path_factory):
+    """Another seed, and every weight matrix 15 times larger. At GPT-2's init scale a random model
+    repeats one token after a few steps, which would hide a window that slid wrong; at this scale
+    its greedy output keeps changing (and so depends on which tokens the window holds)."""
+    torch.manual_seed(3)
+    model = TorchGPT(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(15)
+    hf_dir = write_hf_dir(tmp_path_factory.mktemp("hf") / "lively", config, hf_tensors(model))
     return {"torch": TorchGPT.from_pretrained(hf_dir), "jax": JaxGPT.from_pretrained(hf_dir)}
 
 
@@ -239,22 +261,73 @@ def test_device_loop_stops_at_the_stop_token(backend, models, at, rows):
 # --- the context window ---------------------------------------------------------------------
 
 
+def sliding_window_greedy(backend: str, models, prompt: list[int], new: int, block_size: int):
+    """nanoGPT's `generate` at temperature 0, no cache: each token the argmax of a full forward over
+    the last block_size tokens. Also the smallest gap between the two best logits, so that a test
+    can tell a real difference from a near-tie that float32 rounding decides."""
+    seq, gap = list(prompt), np.inf
+    for _ in range(new):
+        window = np.array([seq[-block_size:]])
+        last = full_forward_logits(backend, models, window)[0, -1]
+        top2 = np.sort(last[np.isfinite(last)])[-2:]
+        gap = min(gap, float(top2[1] - top2[0]))
+        seq.append(int(last.argmax()))
+    return seq[len(prompt) :], gap
+
+
+# 2.5 contexts of new tokens after prompts of 3, 6 and 1 tokens: the cache, then the window.
+PAST = 40
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prompt_past_the_context_is_cropped_to_its_last_tokens(backend, models, config):
-    long_prompt = list(np.random.default_rng(1).integers(0, 100, 3 * config.block_size))
+def test_greedy_past_the_context_equals_a_sliding_window_of_full_forwards(backend, lively_models, config):
+    out = generate(backend, lively_models, PROMPTS, PAST, temperature=0.0, stop_token=None)
+    for prompt, row in zip(PROMPTS, out):
+        expected, gap = sliding_window_greedy(backend, lively_models, prompt, PAST, config.block_size)
+        assert gap > 1e-2  # the cache and the forward differ by rounding only: no step is a coin toss
+        assert row == expected
+        assert len(set(row[config.block_size :])) > 3  # the test itself: the output keeps changing
+
+
+def test_greedy_past_the_context_identical_across_backends(lively_models):
     kwargs = dict(temperature=0.0, stop_token=None)
-    out = generate(backend, models, [long_prompt], 4, **kwargs)
-    kept = long_prompt[-(config.block_size - 4) :]  # the policy: room for every new token
-    assert out == generate(backend, models, [kept], 4, **kwargs)
-    assert len(out[0]) == 4
-    with pytest.raises(BabyGPTError, match="at most 15"):
-        generate(backend, models, [long_prompt], config.block_size, **kwargs)
+    torch_out = generate("torch", lively_models, PROMPTS, PAST, **kwargs)
+    assert torch_out == generate("jax", lively_models, PROMPTS, PAST, **kwargs)
+    assert all(len(row) == PAST for row in torch_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0.0), dict(temperature=1.3, top_k=20, seed=2)], ids=["greedy", "sampled"]
+)
+def test_streaming_past_the_context_equals_the_device_loop(backend, lively_models, kwargs):
+    models = lively_models
+    streamed = _streamed(backend, models, PROMPTS, PAST, stop_token=None, **kwargs)
+    assert generate(backend, models, PROMPTS, PAST, stop_token=None, **kwargs) == streamed
+    stop = next(t for t in streamed[0][20:] if t not in streamed[0][:20])  # first seen past the context
+    expected = [row[: row.index(stop)] if stop in row else row for row in streamed]
+    assert len(expected[0]) >= 20  # row 0 stops past the context (3 + 20 > 16)
+    assert generate(backend, models, PROMPTS, PAST, stop_token=stop, **kwargs) == expected
+    assert _streamed(backend, models, PROMPTS, PAST, stop_token=stop, **kwargs) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_past_the_context_keeps_its_last_block_size_tokens(backend, lively_models, config):
+    models = lively_models
+    long_prompt = [int(t) for t in np.random.default_rng(1).integers(0, 100, 3 * config.block_size)]
+    kwargs = dict(temperature=0.0, stop_token=None)
+    out = generate(backend, models, [long_prompt], 20, **kwargs)
+    assert out == generate(backend, models, [long_prompt[-config.block_size :]], 20, **kwargs)
+    assert out[0] == sliding_window_greedy(backend, models, long_prompt, 20, config.block_size)[0]
 
 
 def test_crop_and_bucket_lengths():
-    assert crop_prompts([[1, 2, 3, 4, 5]], 2, 5) == [[3, 4, 5]]
+    assert crop_prompts([[1, 2, 3, 4, 5]], 200, 3) == [[3, 4, 5]]  # any number of new tokens
+    assert crop_prompts([[1, 2]], 2, 5) == [[1, 2]]
     assert cache_length([[1] * 3, [1] * 9], 4, 1024) == 64  # 9 + 4 - 1 = 12 slots, one bucket
     assert cache_length([[1] * 100], 100, 150) == 150  # never past the context
+    assert cached_positions([[1] * 3, [1] * 9], 4, 1024) == (12, 12)  # all in the cache
+    assert cached_positions([[1] * 3], 200, 128) == (128, 202)  # positions 129..202: the window
     assert [prefill_length(n, 64) for n in (1, 2, 3, 9, 40)] == [1, 2, 4, 16, 64]
     with pytest.raises(BabyGPTError, match="prompt is empty"):
         crop_prompts([[1], []], 2, 16)

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from babygpt.config import ModelConfig
+from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.hf import GPT2_FUNCTION, write_hf_dir
+from babygpt.sampling import SamplingSettings
 from babygpt.tokenizer import EOT, get_tokenizer
 from babygpt_torch.model import GPT, hf_tensors
 
@@ -209,13 +215,18 @@ def test_every_refused_function_field_has_a_case():
     assert set(GPT2_FUNCTION) <= set(BAD_DIRECTORIES)
 
 
-def test_a_transformers_directory_samples_the_same_in_both_backends(transformers_dir):
+def test_a_transformers_directory_samples_the_same_in_both_backends_past_its_context(transformers_dir):
+    """40 new tokens from a model of 16 positions: the sliding window, as the README's 200 tokens on
+    the default model of 128. With --compile the tokens/s leave out an untimed warm-up call."""
     outputs = set()
-    for backend in ("jax", "torch"):
+    for backend, flags in (("jax", ["--compile"]), ("torch", [])):
         args = ["--checkpoint", str(transformers_dir), "--backend", backend, "--prompt", PROMPT]
-        result = run(*args, "--temperature", "0", "--max-tokens", "5")
+        result = run(*args, "--temperature", "0", "--max-tokens", "40", *flags)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(PROMPT)
+        summary = result.stderr.splitlines()[-1]
+        assert summary.startswith("40 tokens in ")
+        assert ("after an untimed warm-up call" in summary) == bool(flags), summary
         outputs.add(result.stdout)
     assert len(outputs) == 1  # greedy: the same text from both
 
@@ -229,3 +240,83 @@ def test_a_model_of_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "holds a model of 100 tokens, fewer than GPT-2's tokenizer's 50257" in result.stderr
+
+
+def _read_until(fd: int, buffer: bytearray, done: Callable[[bytes], bool], timeout: float) -> bool:
+    """Read the pty into buffer until done(buffer) or timeout; False at the timeout or at its end."""
+    deadline = time.monotonic() + timeout
+    while not done(bytes(buffer)):
+        if time.monotonic() > deadline:
+            return False
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # the other side has closed
+                return False
+            if not data:
+                return False
+            buffer += data
+    return True
+
+
+def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(transformers_dir):
+    """In a terminal (a pty, so ^C is a real SIGINT from the line discipline): the first Ctrl-C,
+    while tokens stream, stops the sample and returns to the prompt, its message on a line of its
+    own; the second, at the prompt, leaves with 130. Before the fix this segfaulted (exit 139) in
+    about half the tries: the interpreter tore JAX down under a running decode step."""
+    args = [
+        "--checkpoint",
+        str(transformers_dir),
+        "--backend",
+        "jax",
+        "--interactive",
+        "--max-tokens",
+        "100000",
+    ]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: inference.py on the pty
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, str(ROOT / "inference.py"), *args])
+    out, status = bytearray(), None
+    try:
+        assert _read_until(fd, out, lambda b: b.endswith(b"> "), 240), out.decode(errors="replace")
+        os.write(fd, PROMPT.encode() + b"\n")
+        start = len(out)
+        assert _read_until(fd, out, lambda b: len(b) > start + 200, 240), out.decode(errors="replace")
+        os.write(fd, b"\x03")
+        assert _read_until(fd, out, lambda b: b.endswith(b"> "), 60), out.decode(errors="replace")
+        os.write(fd, b"\x03")
+        _read_until(fd, out, lambda b: False, 60)  # to the end of the output
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if status is None:  # a failed assert: do not leave the child behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 130, text
+    # The stopped sample's text ends its line before the message (the terminal echoes ^C there).
+    assert "^C\r\nstopped; Ctrl-C again (or /quit) to leave\r\n> " in text, text
+    assert "Traceback" not in text and "Segmentation" not in text
+
+
+def test_an_error_while_streaming_starts_its_own_line(rigged_dir, capsys, monkeypatch):
+    """The echoed prompt and the tokens so far end their line before the error is raised, so that
+    run_cli's `error: ...` (or the REPL's) never continues the streamed text."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from inference import Sampler
+
+    sampler = Sampler("torch", rigged_dir, compile=False)
+    real = sampler.generate
+
+    def failing(*args, on_token, **kwargs):
+        def on_token_then_fail(row: int, token: int) -> None:
+            on_token(row, token)
+            raise BabyGPTError("the device went away")
+
+        return real(*args, on_token=on_token_then_fail, **kwargs)
+
+    sampler.generate = failing
+    with pytest.raises(BabyGPTError, match="the device went away"):
+        sampler.run(PROMPT, SamplingSettings(temperature=0.0, max_tokens=8), 1, stream=True)
+    assert capsys.readouterr().out == PROMPT + " smile\n"  # the first token, then a newline
