@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from babygpt.config import BabyGPTError, Config, dump_toml, load_config
+from babygpt.data import ensure_dataset
 from babygpt.files import atomic_open
-from babygpt.run import BatchPlan, MetricsLog, Stopped, StopSignal, Throughput, check_finite
+from babygpt.memory import check_fits
+from babygpt.run import BatchPlan, MetricsLog, Stopped, StopSignal, Throughput, check_finite, plan_batch
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.index == 0
+
+
+def plan_run(
+    config: Config, processes: Processes, devices: int, memory: tuple[int, str], eager_loss: bool = False
+) -> BatchPlan:
+    """The dataset ready on every process (Shakespeare prepared once, by process 0), the batch plan,
+    and the memory check (`memory`: one device's bytes and platform), before anything is allocated."""
+    if processes.is_main:
+        ensure_dataset(config)
+    processes.barrier("dataset")
+    ensure_dataset(config)
+    plan = plan_batch(config, devices)
+    check_fits(config, plan.devices, *memory, eager_loss=eager_loss)
+    return plan
 
 
 class RunDir:

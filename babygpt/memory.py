@@ -123,7 +123,7 @@ def check_fits(
     raise BabyGPTError(
         f"this run needs about {estimate['total'] / GIB:.1f} GiB per device"
         f" (micro-batch {t.micro_batch_size} x {config.model.block_size} tokens, {dtype};"
-        f" logits alone {estimate['logits'] / GIB:.1f} GiB) but the {device} has {memory / GIB:.1f} GiB"
+        f" logits alone {estimate['logits'] / GIB:.1f} GiB) but this {device} device has {memory / GIB:.1f} GiB"
         f" of {where}; try {', or '.join(fixes)}"
     )
 

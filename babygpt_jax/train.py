@@ -20,10 +20,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
-from babygpt.data import ensure_dataset, eval_sequences, validation_batches
+from babygpt.data import eval_sequences, validation_batches
 from babygpt.flops import peak_flops
-from babygpt.memory import check_fits
-from babygpt.run import generate_sample, plan_batch, pretrained_tensors
+from babygpt.run import generate_sample, pretrained_tensors
 from babygpt_jax import parallel
 from babygpt_jax.checkpoint import (
     checkpoint_manager,
@@ -158,12 +157,8 @@ def _train(config: Config) -> dict:
     processes = harness.Processes(jax.process_index(), parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
-        if processes.is_main:  # shakespeare prepares itself once, on process 0
-            ensure_dataset(config)
-        parallel.barrier("dataset")
-        ensure_dataset(config)
-        plan, mesh = plan_batch(config, jax.device_count()), parallel.make_mesh(config)
-        check_fits(config, plan.devices, *parallel.device_memory())  # before anything is allocated
+        plan = harness.plan_run(config, processes, jax.device_count(), parallel.device_memory())
+        mesh = parallel.make_mesh(config)
         dtype = jnp.dtype(compute_dtype_name(t.dtype, jax.default_backend())).type
         model = _build_model(config, dtype)
         optimizer = make_optimizer(t)

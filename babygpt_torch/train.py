@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from babygpt import harness
 from babygpt.config import Config, compute_dtype_name
-from babygpt.data import ensure_dataset, eval_sequences, validation_batches
+from babygpt.data import eval_sequences, validation_batches
 from babygpt.flops import peak_flops
-from babygpt.memory import check_fits
-from babygpt.run import generate_sample, plan_batch, pretrained_tensors
+from babygpt.run import generate_sample, pretrained_tensors
 from babygpt_torch import parallel
 from babygpt_torch.checkpoint import export_hf, latest_step, restore_checkpoint, save_checkpoint
 from babygpt_torch.data import DataLoaderLite, make_loaders
@@ -123,12 +122,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
     processes = harness.Processes(dist.rank, parallel.any_process, parallel.barrier)
     with harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
-        if processes.is_main:  # shakespeare prepares itself once, on rank 0
-            ensure_dataset(config)
-        parallel.barrier("dataset")
-        ensure_dataset(config)
-        plan = plan_batch(config, dist.world_size)
-        check_fits(config, plan.devices, *parallel.device_memory(), eager_loss=not t.compile)
+        plan = harness.plan_run(config, processes, dist.world_size, parallel.device_memory(), not t.compile)
         autocast_dtype = getattr(torch, compute_dtype_name(t.dtype, dist.device.type))
         torch.manual_seed(t.seed)  # every rank builds the same initial model
         model = _build_model(config)
