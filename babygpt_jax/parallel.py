@@ -52,7 +52,9 @@ def setup_distributed() -> None:
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     rank = int(os.environ.get("JAX_PROCESS_ID", 0))
     world_size = int(os.environ.get("JAX_NUM_PROCESSES", 1))
-    cpu = _cpu_only()
+    # jax picks its platform when first touched: asked for, or CPU when no accelerator plugin is installed
+    plugin = importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu")
+    cpu = (jax.config.jax_platforms or ("" if plugin else "cpu")).startswith("cpu")
     if cpu:  # before XLA's CPU runtime starts its threads, which allocate the big blocks
         keep_freed_host_memory(one_arena=True)
     cluster = int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
@@ -73,13 +75,6 @@ def setup_distributed() -> None:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
-
-
-def _cpu_only() -> bool:
-    """True when jax will run on the CPU: asked for, or no accelerator plugin (CUDA, ROCm, TPU) installed."""
-    if platforms := jax.config.jax_platforms:
-        return platforms.split(",")[0] == "cpu"
-    return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
 
 
 def make_mesh(config: Config) -> Mesh:
@@ -206,14 +201,11 @@ def shutdown() -> None:
 
 
 def device_memory() -> tuple[int, str]:
-    """(bytes one device may use, its platform): XLA's allocator limit on a GPU, on a CPU the host's
-    RAM shared by this process's (virtual) devices.
-
-    The limit is what JAX may allocate (75% of the GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says
-    otherwise), not the GPU's total: that is the memory a training step has.
-    """
+    """(bytes one device may use, its platform): on a GPU what XLA's allocator may take (75% of it
+    unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), on a CPU the host's RAM shared by this
+    process's (virtual) devices."""
     device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]), device.platform
-    return host_memory() // jax.local_device_count(), device.platform
+    if device.platform != "cpu":
+        limit = device.memory_stats()["bytes_limit"]
+        return int(limit), device.platform
+    return host_memory() // jax.local_device_count(), "cpu"

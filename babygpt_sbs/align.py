@@ -57,7 +57,6 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "batch_sharding": "a sharding annotation for the batch; DDP gives each process its own rows",
         "replicated": "a sharding annotation for replicated values; DDP replicates by construction",
         "param_shardings": "per-parameter shardings (replicated or FSDP) that jit compiles; DDP replicates",
-        "_cpu_only": "jax picks its platform when first touched, so set-up reads it from the installed plugins; torch knows its device before",
         "put_global": "host values made global jax.Arrays, each process filling its own shards; torch ranks keep local tensors",
     },
     ("parallel", "torch"): {

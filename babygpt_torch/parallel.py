@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from babygpt.memory import host_memory
 from babygpt.run import keep_freed_host_memory
+
+log = logging.getLogger(__name__)
 
 # How long a collective may wait for a peer before the job fails rather than hangs. Long enough
 # for the slowest legitimate wait (rank 0 writing a large checkpoint while the others wait at the
@@ -67,6 +70,12 @@ def setup_distributed(fsdp: bool = False) -> Dist:
         store = torch_dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
         group = dict(rank=rank, world_size=world_size, store=store, timeout=COLLECTIVE_TIMEOUT)
         torch_dist.init_process_group("gloo" if cpu else "nccl", **group)
+        devices = (rank, world_size, 1)
+        log.info("process %d of %d, %d local devices", *devices)
+    # Process 0 narrates the run; the others speak only to warn.
+    if world_size > 1 and rank > 0:
+        for package in ("babygpt", "babygpt_torch"):
+            logging.getLogger(package).setLevel(logging.WARNING)
     device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
@@ -202,8 +211,9 @@ def shutdown() -> None:
 
 
 def device_memory() -> tuple[int, str]:
-    """(bytes one device has, its platform): this process's GPU's total memory, or on a CPU the
-    host's RAM shared by the processes torchrun started on this machine."""
+    """(bytes one device may use, its platform): on a GPU its total memory (torch's caching
+    allocator may take all of it), on a CPU the host's RAM shared by the processes torchrun started
+    on this machine."""
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory, "cuda"

@@ -102,7 +102,9 @@ def test_the_refusal_is_one_line_naming_the_estimate_the_memory_and_fixes_that_f
         check_fits(_config("gpt2", 16), 1, CPU_24_GIB, "cpu")
     message = str(info.value)
     assert "\n" not in message
-    assert "needs about 39.1 GiB per device" in message and "this cpu device has 24.0 GiB of host RAM" in message
+    assert (
+        "needs about 39.1 GiB per device" in message and "this cpu device has 24.0 GiB of host RAM" in message
+    )
     # Each fix offered fits on its own: half the micro-batch does, and so does remat here.
     assert "try train.micro_batch_size=8, or train.remat=true, or a GPU" in message
     check_fits(_config("gpt2", 8), 1, CPU_24_GIB, "cpu")
