@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from babygpt.config import BabyGPTError
 
 
 def _unique(parent: Path, prefix: str, suffix: str, create) -> Path:
@@ -66,3 +69,16 @@ def set_usual_mode(path: str | Path) -> None:
     """The mode a new file (0o666) or directory (0o777) gets under the umask, for what a library
     or `tempfile` created private (safetensors writes 0o600, `mkdtemp` makes 0o700)."""
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+
+
+def require_space(path: str | Path, nbytes: int) -> None:
+    """One line, before writing, when the disk under `path` cannot hold `nbytes` more.
+
+    For writers whose own failure on a full disk is a screenful (orbax's background threads).
+    """
+    free = shutil.disk_usage(path).free
+    if free < nbytes:
+        raise BabyGPTError(
+            f"{path} has {free / 2**20:,.0f} MiB free but this save needs about {nbytes / 2**20:,.0f} MiB;"
+            " free space or choose another run.out_dir"
+        )

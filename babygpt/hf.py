@@ -309,7 +309,13 @@ def export_into_run_dir(run_dir: str | Path, config: ModelConfig, tensors: dict[
     reader of the run directory never sees a half-written export.
     """
     run_dir = Path(run_dir)
-    staging = write_hf_dir(run_dir / ".export", config, tensors)
+    try:
+        staging = write_hf_dir(run_dir / ".export", config, tensors)
+    except (OSError, SafetensorError) as e:  # a full disk or a read-only directory
+        reason = getattr(e, "strerror", None) or str(e).rsplit(":", 1)[-1].strip()
+        raise BabyGPTError(
+            f"cannot write {run_dir / 'model.safetensors'} ({reason}); free space or choose another run.out_dir"
+        ) from None
     try:
         for name in ("model.safetensors", "config.json"):
             os.replace(staging / name, run_dir / name)

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from babygpt.config import BabyGPTError, ModelConfig
+from babygpt.files import require_space
 from babygpt.hf import MODEL_FIELDS, export_into_run_dir, shape_mismatches
 from babygpt_jax.model import GPT, hf_tensors
 
@@ -71,6 +72,10 @@ def save_checkpoint(
     """
     state = {"params": params, "opt_state": opt_state, "rng": rng}
     meta = {"step": step, "loader": dict(loader_state), "model_config": dataclasses.asdict(model_config)}
+    # The checkpoint, and the export of the parameters beside it, must fit before orbax starts:
+    # its background threads report a full disk as hundreds of lines, not one.
+    size = sum(x.nbytes for x in jax.tree.leaves(state)) + sum(x.nbytes for x in jax.tree.leaves(params))
+    require_space(manager.directory, int(1.05 * size) + 2**20)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
         with _quiet_orbax():

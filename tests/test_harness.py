@@ -188,3 +188,37 @@ def test_divergence_keeps_no_checkpoint_and_the_next_run_starts_over(
     assert again.returncode == 0, again.stderr[-3000:]
     assert "holds no checkpoint" in again.stdout + again.stderr
     assert _latest(backend, run_dir) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 KiB file system (tmpfs), too small for a checkpoint of the tiny model; skipped where
+    this process may not mount (not root, or no CAP_SYS_ADMIN)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_full_disk_during_a_save_is_one_line(backend, small_disk, tiny_dataset, tiny_overrides):
+    args = _long(tiny_overrides, tiny_dataset, small_disk, "full", "train.max_steps=2")
+    done = _train(backend, args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr[-3000:]
+    assert "free space or choose another run.out_dir" in done.stderr
+    assert _latest(backend, small_disk / "full") is None
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_read_only_output_directory_is_one_line(backend, small_disk, tiny_dataset, tiny_overrides):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # even root cannot write
+    done = _train(backend, _long(tiny_overrides, tiny_dataset, small_disk, "ro", "train.max_steps=2"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr[-3000:]
+    assert not any(small_disk.iterdir())
