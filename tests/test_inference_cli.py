@@ -273,10 +273,13 @@ def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(t
         "--max-tokens",
         "100000",
     ]
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: inference.py on the pty
-        os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, str(ROOT / "inference.py"), *args])
+    # The child gets the pty as its controlling terminal from `setsid --ctty` (no fork in this
+    # process, which JAX would warn about).
+    fd, terminal = pty.openpty()
+    command = ["setsid", "--ctty", sys.executable, str(ROOT / "inference.py"), *args]
+    child = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    pid = child.pid
     out, status = bytearray(), None
     try:
         assert _read_until(fd, out, lambda b: b.endswith(b"> "), 240), out.decode(errors="replace")
