@@ -2,7 +2,7 @@
 
     python -m parity.compare [--config configs/shakespeare.toml] [--out PNG] [section.key=value ...]
 
-Two full training runs, torch then JAX (the default preset: 800 steps each, about 8 minutes on a
+Two full training runs, torch then JAX (the default preset: 800 steps each, about 4 minutes on a
 2-core CPU). Both start from one Hugging Face directory (`train.init_from`; a fresh torch init
 written beside the runs when the config names none), so the curves differ only by what the
 backends compute. With `<name>` the run.name given, else the preset's file name, the runs go to
