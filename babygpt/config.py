@@ -20,6 +20,9 @@ class BabyGPTError(Exception):
     """An error caused by the user's input; the CLIs print its message as one line and exit 2."""
 
 
+ORDERS = ("epochs", "random")  # data.order
+
+
 class ConfigError(BabyGPTError):
     pass
 
@@ -100,6 +103,10 @@ class TrainConfig:
 class DataConfig:
     dataset: str = "shakespeare"
     data_dir: str = "data"
+    # The training sample order (babygpt.data.TokenWindows): "epochs" shows each token at most once
+    # per epoch, at window boundaries drawn afresh every epoch; "random" is nanoGPT's, every
+    # sequence at a uniformly random start, drawn with replacement.
+    order: str = "epochs"
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"train.dtype={t.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not config.data.dataset.strip():
         raise ConfigError("data.dataset is empty; name a dataset under data.data_dir, e.g. shakespeare")
+    if config.data.order not in ORDERS:
+        raise ConfigError(f"data.order={config.data.order!r}: choose one of {', '.join(ORDERS)}")
     if r.name is None or not r.name.strip() or r.name in (".", "..") or any(sep in r.name for sep in "/\\"):
         raise ConfigError(
             f"run.name={r.name!r} must be a plain directory name (the run goes to run.out_dir/run.name);"

@@ -197,6 +197,12 @@ class TokenWindows:
 
     Validation (no `shuffle`): offset 0, file order, the same windows every time.
 
+    `order="random"` (training only) is nanoGPT's order instead: sample k starts at a uniformly
+    random token of a shard drawn in proportion to its starts, from `(seed, k)` alone, with
+    replacement; an "epoch" is then just `len()` samples. Each token is seen about as often,
+    but not exactly once per epoch: on a small dataset read for hundreds of epochs this
+    memorises more slowly (docs/benchmarks.md, issue 19).
+
     Sample `k` of the stream is a pure function of `(seed, k)`: `locate` maps it to (epoch, shard,
     start) through the cumulative window counts of the epochs before it, which differ by at most
     one window per shard. So any device count reading `micro_batch_rows` reads the same samples,
@@ -204,11 +210,14 @@ class TokenWindows:
     windows on the offset-0 grid: the validation set, and the most any training epoch holds.
     """
 
-    def __init__(self, shards: Sequence[np.ndarray], seq_len: int, seed: int, shuffle: bool):
+    def __init__(
+        self, shards: Sequence[np.ndarray], seq_len: int, seed: int, shuffle: bool, order: str = "epochs"
+    ):
         self.shards = list(shards)
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
+        self.random = shuffle and order == "random"
         self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.counts = np.maximum(0, (self.lengths - 1) // seq_len)
         self.total = int(self.counts.sum())
@@ -219,12 +228,15 @@ class TokenWindows:
             )
         # At most n - T - 1: a shard with a window on the grid keeps at least one in every epoch.
         self._offset_bounds = np.clip(self.lengths - seq_len, 1, seq_len)
+        self._starts = np.maximum(0, self.lengths - seq_len)  # random order: starts 0 .. n - T - 1
         self._epoch_ends = np.zeros(0, dtype=np.int64)  # samples before the end of each epoch
 
     @classmethod
-    def from_dir(cls, data_dir: str | Path, split: str, seq_len: int, seed: int) -> TokenWindows:
+    def from_dir(
+        cls, data_dir: str | Path, split: str, seq_len: int, seed: int, order: str = "epochs"
+    ) -> TokenWindows:
         shards = [load_shard(p) for p in list_shards(data_dir, split)]
-        return cls(shards, seq_len, seed, shuffle=(split == "train"))
+        return cls(shards, seq_len, seed, shuffle=(split == "train"), order=order)
 
     def __len__(self) -> int:
         return self.total
@@ -252,7 +264,7 @@ class TokenWindows:
 
     def epoch_start(self, epoch: int) -> int:
         """The first sample of `epoch`."""
-        if not self.shuffle:
+        if not self.shuffle or self.random:
             return epoch * self.total
         self._count_epochs(epoch)
         return int(self._epoch_ends[epoch - 1]) if epoch else 0
@@ -269,7 +281,7 @@ class TokenWindows:
         self._epoch_ends = np.concatenate([ends, last + np.cumsum(lengths, dtype=np.int64)])
 
     def _epoch_of(self, k: int) -> int:
-        if not self.shuffle:
+        if not self.shuffle or self.random:
             return k // self.total
         while not len(self._epoch_ends) or self._epoch_ends[-1] <= k:
             self._count_epochs(2 * len(self._epoch_ends))
@@ -279,6 +291,10 @@ class TokenWindows:
         """Sample k (any k >= 0) as (epoch, shard, first token's index in the shard)."""
         k = int(k)
         epoch = self._epoch_of(k)
+        if self.random:
+            rng = np.random.default_rng([self.seed, k])
+            shard = int(rng.choice(len(self.shards), p=self._starts / self._starts.sum()))
+            return epoch, shard, int(rng.integers(0, self._starts[shard]))
         j = k - self.epoch_start(epoch)
         order, ends, offsets, counts = self._epoch(epoch)
         slot = int(np.searchsorted(ends, j, side="right"))

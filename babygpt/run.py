@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -76,6 +77,27 @@ def keep_freed_host_memory(one_arena: bool) -> None:
         libc.mallopt(-8, 1)  # M_ARENA_MAX
     libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
+
+
+# libgomp's spin count before an idle OpenMP worker sleeps (its default is 300,000 spins, about
+# a millisecond on this CPU). Measured in docs/benchmarks.md (issue 21).
+OPENMP_SPIN_COUNT = "1000"
+
+
+def let_openmp_threads_sleep() -> None:
+    """Make torch's OpenMP workers (libgomp) sleep almost at once when they run out of work.
+
+    By default a worker that finishes its share of a parallel region spins for about a millisecond
+    waiting for the next one. On a CPU that another process shares, the spinning worker takes the
+    core its partner needs to finish the region, and every small op waits a whole scheduler slice:
+    the default run fell to a fifth of its idle speed beside a JAX run. A short spin keeps the
+    idle speed and shares the cores. libgomp reads its environment once, when torch loads it, so
+    this runs before `import torch` (babygpt_torch/__init__.py) and leaves a policy the user chose
+    (OMP_WAIT_POLICY or GOMP_SPINCOUNT) alone. Does nothing once torch is imported.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -93,10 +94,16 @@ def bench_train_torch(args) -> Row:
     batch = (x, y)
     dtype = torch.bfloat16 if cuda and args.dtype == "bfloat16" else torch.float32
 
-    def step():
+    def launch():
         train_step(state, batch, autocast_dtype=dtype, grad_clip=1.0)
+
+    def wait():
         if cuda:
             torch.cuda.synchronize()
+
+    def step():
+        launch()
+        wait()
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -112,6 +119,7 @@ def bench_train_torch(args) -> Row:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     row = _train_row("torch", args, config, name, times, compile_s, peak_mem)
+    row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
     if args.profile:
         row.extra["profile"] = profile_torch(step, args.profile_steps, Path(args.profile) / "torch")
     return row
@@ -146,10 +154,17 @@ def bench_train_jax(args) -> Row:
     batch = (x, y)
     states = [state]  # the step donates the state: each call takes the last one's result
 
-    def step():
+    def launch():
         new_state, metrics = step_fn(states.pop(), batch)
         states.append(new_state)
-        metrics["loss"].block_until_ready()
+        return metrics
+
+    def wait():
+        jax.block_until_ready(states[-1])
+
+    def step():
+        launch()
+        wait()
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -164,9 +179,21 @@ def bench_train_jax(args) -> Row:
     stats = device.memory_stats() or {}
     peak_mem = stats.get("peak_bytes_in_use", 0) / 2**30 if gpu else None
     row = _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
+    row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
     if args.profile:
         row.extra["profile"] = profile_jax(step, args.profile_steps, Path(args.profile) / "jax")
     return row
+
+
+def _pipelined_ms(launch, wait, steps: int) -> float:
+    """Milliseconds per step when steps are launched back to back and waited for once, as the
+    harness runs them (it waits only at log lines). The per-step times above wait after every step,
+    as nanoGPT's bench.py does (`loss.item()`), which exposes the host's dispatch of each step."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        launch()
+    wait()
+    return 1000 * (time.perf_counter() - t) / steps
 
 
 def _train_row(backend, args, config, device, times, compile_s, peak_mem) -> Row:
@@ -215,6 +242,12 @@ def bench_generate(args) -> list[Row]:
             times.append(time.perf_counter() - t)
         med, lo, hi = _stats(times)
         tps = batch * args.new_tokens / (med / 1000)
+        extra = {"new_tokens": args.new_tokens}
+        if args.profile and args.backend in ("jax", "torch"):  # kernels per new token, this batch size
+            profiler = profile_jax if args.backend == "jax" else profile_torch
+            folder = Path(args.profile) / f"{args.backend}-generate-b{batch}"
+            extra["profile"] = profiler(functools.partial(run, prompts), 1, folder, per_step=args.new_tokens)
+            extra["profile"]["unit"] = f"new token at batch {batch}"
         rows.append(
             Row(
                 args.backend,
@@ -230,7 +263,7 @@ def bench_generate(args) -> list[Row]:
                 None,
                 peak_mem(),
                 compile_s,
-                {"new_tokens": args.new_tokens},
+                extra,
             )
         )
     return rows
@@ -333,15 +366,16 @@ def _child(args) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'backend':<8} {'mode':<8} {'preset':<12} {'batch':>5} {'seq':>5} {'ms/step (min-max)':>22} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9}"
+    head = f"{'backend':<8} {'mode':<8} {'preset':<12} {'batch':>5} {'seq':>5} {'ms/step (min-max)':>22} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9} {'pipelined ms':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = f"{r['ms_median']:.2f} ({r['ms_min']:.1f}-{r['ms_max']:.1f})"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
         label = r["backend"] + (f"/{r['extra']['hf_cache']}" if r["extra"].get("hf_cache") else "")
+        pipelined = f"{r['extra']['ms_pipelined']:.2f}" if "ms_pipelined" in r["extra"] else "-"
         lines.append(
-            f"{label:<8} {r['mode']:<8} {r['preset']:<12} {r['batch']:>5} {r['seq']:>5} {spread:>22} {r['tokens_per_s']:>12,.0f} {mfu:>6} {mem:>8} {r['compile_s']:>9.1f}"
+            f"{label:<8} {r['mode']:<8} {r['preset']:<12} {r['batch']:>5} {r['seq']:>5} {spread:>22} {r['tokens_per_s']:>12,.0f} {mfu:>6} {mem:>8} {r['compile_s']:>9.1f} {pipelined:>12}"
         )
     return "\n".join(lines)
 
@@ -409,7 +443,10 @@ def main() -> None:
     )
     parser.add_argument("--out", default="out/bench", help="where bench.json and bench.png go")
     parser.add_argument(
-        "--profile", default="", help="train mode: also profile --profile-steps steps, traces in this folder"
+        "--profile",
+        default="",
+        help="also profile (train: --profile-steps steps; generate: one call per batch size, summed per"
+        " new token), traces in this folder",
     )
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -97,19 +97,22 @@ def summarize(kernels: list[tuple[str, float]], steps: int, top: int = 40) -> di
 
 
 def format_summary(backend: str, summary: dict) -> str:
+    unit = summary.get("unit", "step")
     lines = [
-        f"{backend}: {summary['kernel_ms_per_step']:.2f} ms of kernels per step,"
-        f" {summary['kernels_per_step']:.0f} kernels per step"
+        f"{backend}: {summary['kernel_ms_per_step']:.3f} ms of kernels per {unit},"
+        f" {summary['kernels_per_step']:.0f} kernels per {unit}"
     ]
     for category, ms in summary["categories"].items():
-        lines.append(f"  {category:<20} {ms:8.2f} ms")
-    lines.append("  heaviest kernels (ms/step, calls/step):")
+        lines.append(f"  {category:<20} {ms:8.3f} ms")
+    lines.append(f"  heaviest kernels (ms/{unit}, calls/{unit}):")
     for k in summary["top_kernels"][:15]:
-        lines.append(f"    {k['ms_per_step']:7.2f} {k['calls_per_step']:5.0f}  {k['name'][:110]}")
+        lines.append(f"    {k['ms_per_step']:7.3f} {k['calls_per_step']:5.1f}  {k['name'][:110]}")
     return "\n".join(lines)
 
 
-def profile_torch(step, steps: int, out: Path) -> dict:
+def profile_torch(step, steps: int, out: Path, per_step: int = 1) -> dict:
+    """Trace `steps` calls of `step`; the summary is per unit of work, `per_step` units per call
+    (1 for a training step, the new tokens for a generate call)."""
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -124,14 +127,14 @@ def profile_torch(step, steps: int, out: Path) -> dict:
     # The host's side, for a step slower than its kernels: which ops the CPU spends its time in
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     (out / "torch_ops.txt").write_text(table)
-    return summarize(device_kernels(_load(path)), steps)
+    return summarize(device_kernels(_load(path)), steps * per_step)
 
 
-def profile_jax(step, steps: int, out: Path) -> dict:
+def profile_jax(step, steps: int, out: Path, per_step: int = 1) -> dict:
     import jax
 
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
         for _ in range(steps):
             step()
     path = max(out.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    return summarize(device_kernels(_load(path)), steps)
+    return summarize(device_kernels(_load(path)), steps * per_step)

@@ -108,7 +108,7 @@ def make_loaders(
     `validation_batches` names). Process p reads rows p*L*B .. (p+1)*L*B-1 of each micro-step."""
     data_dir = dataset_dir(config)
     T, seed = config.model.block_size, config.train.seed
-    train = TokenWindows.from_dir(data_dir, "train", T, seed)
+    train = TokenWindows.from_dir(data_dir, "train", T, seed, config.data.order)
     val = TokenWindows.from_dir(data_dir, "val", T, seed)
     count = local_devices * plan.micro_batch_size
     first_row = process_index * count

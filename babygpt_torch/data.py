@@ -66,7 +66,7 @@ def make_loaders(config: Config, plan: BatchPlan, rank: int) -> tuple[DataLoader
     `validation_batches` names). Rank r reads rows r*B .. (r+1)*B-1 of each micro-step."""
     data_dir = dataset_dir(config)
     T, seed = config.model.block_size, config.train.seed
-    train = TokenWindows.from_dir(data_dir, "train", T, seed)
+    train = TokenWindows.from_dir(data_dir, "train", T, seed, config.data.order)
     val = TokenWindows.from_dir(data_dir, "val", T, seed)
     count = plan.micro_batch_size
     first_row = rank * count

@@ -182,7 +182,7 @@ def write_results(curves: dict[str, dict[int, float]], out: Path, title: str) ->
         ax.plot(steps, [curves[c][s] for s in steps], marker="o", label=LABELS[c])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         "--parts", default=",".join(CURVES), help="which curves to run now; the others are kept from --out"
     )
     parser.add_argument("--replot", type=Path, help="only redraw table and plot from a curves.json")
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value for both backends' runs, e.g. data.order=random"
+    )
     args = parser.parse_args(argv)
 
     if args.replot:
@@ -243,45 +246,50 @@ def main(argv: list[str] | None = None) -> None:
     saved = args.out / "curves.json"  # parts run in separate sessions add up in one --out
     curves = read_curves(saved)[0] if saved.exists() else {c: {} for c in CURVES}
 
-    if "nanogpt" in parts:
-        sizes = write_nanogpt_data(data_dir / "shakespeare", args.nanogpt / "data" / DATASET)
-        print(f"nanoGPT data: {sizes['train']:,} train and {sizes['val']:,} val tokens")
-        recipe = {**NANOGPT_RECIPE, **NANOGPT_TINY} if args.tiny else NANOGPT_RECIPE
-        log = _run(
-            [sys.executable, "train.py", *nanogpt_args(recipe, runs / "nanogpt")],
-            cwd=args.nanogpt,
-            log=args.out / "nanogpt.log",
-        )
-        curves["nanogpt"] = parse_nanogpt_log(log)[1]
-        if not curves["nanogpt"]:
-            sys.exit(f"no 'step N: ... val loss' line in {args.out / 'nanogpt.log'}")
-
-    overrides = BABYGPT_RECIPE + (BABYGPT_TINY if args.tiny else [])
-    for backend in [p for p in parts if p != "nanogpt"]:
-        name = f"{backend}{'-tiny' if args.tiny else ''}"
-        shutil.rmtree(runs / name, ignore_errors=True)  # a part run again replaces its curve
-        _run(
-            [
-                sys.executable,
-                "train.py",
-                f"--backend={backend}",
-                "--config",
-                CONFIG,
-                *overrides,
-                f"data.data_dir={data_dir}",
-                f"run.out_dir={runs}",
-                f"run.name={name}",
-            ],
-            cwd=ROOT,
-            log=args.out / f"{backend}.log",
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
-        )
-        curves[backend] = read_metrics(runs / name)[1]
-
     title = (
         "--tiny pipeline check" if args.tiny else "tiny Shakespeare, GPT-2 124M, 16 x 1024 x 8 tokens/step"
+    ) + "".join(f", {o}" for o in args.overrides)
+    for part in parts:  # in the order given; the results are saved after each, so a cut run keeps them
+        if part == "nanogpt":
+            sizes = write_nanogpt_data(data_dir / "shakespeare", args.nanogpt / "data" / DATASET)
+            print(f"nanoGPT data: {sizes['train']:,} train and {sizes['val']:,} val tokens")
+            recipe = {**NANOGPT_RECIPE, **NANOGPT_TINY} if args.tiny else NANOGPT_RECIPE
+            log = _run(
+                [sys.executable, "train.py", *nanogpt_args(recipe, runs / "nanogpt")],
+                cwd=args.nanogpt,
+                log=args.out / "nanogpt.log",
+            )
+            curves["nanogpt"] = parse_nanogpt_log(log)[1]
+            if not curves["nanogpt"]:
+                sys.exit(f"no 'step N: ... val loss' line in {args.out / 'nanogpt.log'}")
+        else:
+            curves[part] = run_babygpt(part, args, data_dir, runs)
+        table = write_results(curves, args.out, title)
+    print(table)
+
+
+def run_babygpt(backend: str, args, data_dir: Path, runs: Path) -> dict[int, float]:
+    """One backend's run of the recipe; its validation curve."""
+    overrides = BABYGPT_RECIPE + (BABYGPT_TINY if args.tiny else []) + list(args.overrides)
+    name = f"{backend}{'-tiny' if args.tiny else ''}"
+    shutil.rmtree(runs / name, ignore_errors=True)  # a part run again replaces its curve
+    _run(
+        [
+            sys.executable,
+            "train.py",
+            f"--backend={backend}",
+            "--config",
+            CONFIG,
+            *overrides,
+            f"data.data_dir={data_dir}",
+            f"run.out_dir={runs}",
+            f"run.name={name}",
+        ],
+        cwd=ROOT,
+        log=args.out / f"{backend}.log",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
     )
-    print(write_results(curves, args.out, title))
+    return read_metrics(runs / name)[1]
 
 
 if __name__ == "__main__":

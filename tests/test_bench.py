@@ -108,7 +108,8 @@ def test_train_bench_json_rows_are_consistent(train_run):
         assert (row["mode"], row["preset"], row["batch"], row["seq"]) == ("train", "tiny", TRAIN_B, TRAIN_T)
         # tokens/s is one step's tokens over the median step time
         assert math.isclose(row["tokens_per_s"], TRAIN_B * TRAIN_T * 1000 / row["ms_median"], rel_tol=REL)
-        assert set(row["extra"]) == {"profile"}
+        assert set(row["extra"]) == {"profile", "ms_pipelined"}
+        assert row["extra"]["ms_pipelined"] > 0
     assert_png(out / "bench.png")
 
 
@@ -173,6 +174,26 @@ def test_generate_gives_a_row_per_backend_and_batch_size(generate_run):
     assert_png(out / "bench.png")
 
 
+def test_generate_profile_is_per_new_token_for_each_batch_size(tmp_path):
+    result = run_bench(
+        "--mode", "generate", "--backend", "jax,torch", "--preset", "tiny", "--batch", "1,2",
+        "--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS), "--steps", "1",
+        "--out", str(tmp_path), "--profile", str(tmp_path / "prof"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    for row in rows:
+        backend, batch = row["backend"], row["batch"]
+        folder = tmp_path / "prof" / f"{backend}-generate-b{batch}"
+        trace = _load(
+            folder / "torch_trace.json" if backend == "torch" else max(folder.rglob("perfetto_trace.json.gz"))
+        )
+        summary = dict(row["extra"]["profile"])
+        assert summary.pop("unit") == f"new token at batch {batch}"
+        assert summary == summarize(device_kernels(trace), NEW_TOKENS)  # one call, NEW_TOKENS tokens
+    assert "ms of kernels per new token at batch 2" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, before any child starts
 
@@ -228,8 +249,16 @@ def test_format_table_marks_missing_values_and_hf_cache():
     rows = [
         {**base, "backend": "torch", "mfu": None, "peak_mem_gb": None, "extra": {}},
         {**base, "backend": "hf", "mfu": 0.4567, "peak_mem_gb": 1.25, "extra": {"hf_cache": "static"}},
+        {
+            **base,
+            "backend": "jax",
+            "mode": "train",
+            "mfu": None,
+            "peak_mem_gb": None,
+            "extra": {"ms_pipelined": 1.5},
+        },
     ]
-    head, rule, torch_line, hf_line = bench.format_table(rows).splitlines()
+    head, rule, torch_line, hf_line, train_line = bench.format_table(rows).splitlines()
     assert set(rule) == {"-"} and len(rule) == len(head)
     assert torch_line.split() == [
         "torch",
@@ -243,8 +272,10 @@ def test_format_table_marks_missing_values_and_hf_cache():
         "-",
         "-",
         "0.2",
+        "-",  # pipelined: training rows only
     ]
-    assert hf_line.split()[0] == "hf/static" and hf_line.split()[-3:] == ["45.7%", "1.2", "0.2"]
+    assert hf_line.split()[0] == "hf/static" and hf_line.split()[-4:] == ["45.7%", "1.2", "0.2", "-"]
+    assert train_line.split()[-1] == "1.50"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,15 +474,15 @@ def test_summaries_of_both_traces_use_the_same_categories():
 def test_format_summary_lists_categories_and_heaviest_kernels():
     text = format_summary("jax", summarize(device_kernels(JAX_TRACE), 2))
     lines = text.splitlines()
-    assert lines[0] == "jax: 0.13 ms of kernels per step, 4 kernels per step"  # 254 us / 2, 7 kernels / 2
-    assert lines[1].split() == ["matmul", "0.08", "ms"]
+    assert lines[0] == "jax: 0.127 ms of kernels per step, 4 kernels per step"  # 254 us / 2, 7 kernels / 2
+    assert lines[1].split() == ["matmul", "0.080", "ms"]
     assert "  heaviest kernels (ms/step, calls/step):" in lines
     assert lines[-1].split() == [
-        "0.00",
-        "0",
+        "0.002",
+        "0.5",
         "Memcpy",
         "DtoH",
         "(Device",
         "->",
         "Pinned)",
-    ]  # 2 us, half a call
+    ]  # 4 us over 2 steps: 0.002 ms and half a call per step

@@ -47,11 +47,11 @@ def test_shard_refuses_ids_past_uint16_and_writes_nothing(tmp_path):
 SHARD_SPECS = ((0, 5 * T + 1), (1000, 3 * T + 1), (2000, 7 * T + 5), (3000, T + 3), (4000, T - 2))
 
 
-def _numbered_windows(seed: int, shuffle: bool = True) -> TokenWindows:
+def _numbered_windows(seed: int, shuffle: bool = True, order: str = "epochs") -> TokenWindows:
     """Shards whose token values are their positions plus a base, so each window names where it
     came from. The last two: a shard with one window whatever the offset, and one too short for any."""
     shards = [np.arange(base, base + n) for base, n in SHARD_SPECS]
-    return TokenWindows(shards, T, seed, shuffle)
+    return TokenWindows(shards, T, seed, shuffle, order)
 
 
 def _epoch_windows(windows: TokenWindows, epoch: int) -> np.ndarray:
@@ -122,6 +122,35 @@ def test_resume_mid_epoch_continues_the_order_exactly():
     for n in (len(walked) // 2, walked.epoch_start(3) + 4, walked.epoch_start(5) - 1):
         resumed = _numbered_windows(seed=7)
         np.testing.assert_array_equal(resumed.rows(n, len(reference) - n), reference[n:])
+
+
+def test_random_order_is_nanogpts_uniform_starts_in_bounds_and_fixed_by_the_seed():
+    windows = _numbered_windows(seed=0, order="random")
+    n = 4000
+    rows = windows.rows(0, n)
+    assert (np.diff(rows, axis=1) == 1).all()  # whole windows, each inside one shard
+    bases = np.array([base for base, _ in SHARD_SPECS])
+    shard = np.searchsorted(bases, rows[:, 0], side="right") - 1
+    ends = np.array([base + size for base, size in SHARD_SPECS])[shard]
+    assert (rows[:, -1] < ends).all()  # never past a shard's end
+    assert 4 not in set(shard.tolist())  # the shard shorter than a window is never read
+    # Every start 0 .. n - T - 1 of a shard is equally likely, and shards by their number of starts.
+    counts = np.bincount(shard, minlength=len(SHARD_SPECS))
+    starts = np.array([max(0, size - T) for _, size in SHARD_SPECS])
+    np.testing.assert_allclose(counts / n, starts / starts.sum(), atol=0.03)
+    offsets = rows[shard == 2, 0] - 2000
+    assert offsets.min() < T and offsets.max() > 6 * T  # starts anywhere, not on a grid
+    assert len(np.unique(rows[:, 0])) < n  # with replacement: some sequences come again
+    # A pure function of (seed, k): another object, a resume at any k, reads the same.
+    np.testing.assert_array_equal(_numbered_windows(0, order="random").rows(1234, 50), rows[1234:1284])
+    assert not np.array_equal(_numbered_windows(1, order="random").rows(0, 50), rows[:50])
+    assert not np.array_equal(_numbered_windows(0).rows(0, 50), rows[:50])  # not the epochs order
+
+
+def test_random_order_leaves_validation_on_the_grid():
+    grid = _numbered_windows(seed=0, shuffle=False)
+    random = _numbered_windows(seed=0, shuffle=False, order="random")
+    np.testing.assert_array_equal(random.rows(0, 2 * len(grid)), grid.rows(0, 2 * len(grid)))
 
 
 def test_validation_is_the_offset_zero_grid_in_file_order():

@@ -222,3 +222,33 @@ def test_a_read_only_output_directory_is_one_line(backend, small_disk, tiny_data
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr[-3000:]
     assert not any(small_disk.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU runtime: torch's OpenMP workers sleep instead of spinning (issue 21)
+
+
+def _spin_count_after(code: str, **env) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run(
+        [sys.executable, "-c", code + "; import os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"],
+        capture_output=True, text=True, env={**clean, **env}, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[-1]
+
+
+def test_importing_the_torch_backend_sets_a_short_openmp_spin_before_torch_loads():
+    from babygpt.run import OPENMP_SPIN_COUNT
+
+    code = "import babygpt_torch, sys; assert 'torch' not in sys.modules; import babygpt_torch.model"
+    assert _spin_count_after(code) == OPENMP_SPIN_COUNT
+
+
+def test_a_users_openmp_wait_policy_is_left_alone():
+    assert _spin_count_after("import babygpt_torch.model", OMP_WAIT_POLICY="active") == "unset"
+    assert _spin_count_after("import babygpt_torch.model", GOMP_SPINCOUNT="50") == "50"
+
+
+def test_too_late_once_torch_is_loaded_so_nothing_is_set():
+    assert _spin_count_after("import torch, babygpt_torch.model") == "unset"
