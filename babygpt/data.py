@@ -229,6 +229,7 @@ class TokenWindows:
         # At most n - T - 1: a shard with a window on the grid keeps at least one in every epoch.
         self._offset_bounds = np.clip(self.lengths - seq_len, 1, seq_len)
         self._starts = np.maximum(0, self.lengths - seq_len)  # random order: starts 0 .. n - T - 1
+        self._shard_weights = self._starts / self._starts.sum()  # random order: a shard by its starts
         self._epoch_ends = np.zeros(0, dtype=np.int64)  # samples before the end of each epoch
 
     @classmethod
@@ -293,7 +294,7 @@ class TokenWindows:
         epoch = self._epoch_of(k)
         if self.random:
             rng = np.random.default_rng([self.seed, k])
-            shard = int(rng.choice(len(self.shards), p=self._starts / self._starts.sum()))
+            shard = int(rng.choice(len(self.shards), p=self._shard_weights))
             return epoch, shard, int(rng.integers(0, self._starts[shard]))
         j = k - self.epoch_start(epoch)
         order, ends, offsets, counts = self._epoch(epoch)

@@ -53,7 +53,8 @@ def plan_run(
     if processes.is_main:
         ensure_dataset(config)
     processes.barrier("dataset")
-    ensure_dataset(config)
+    if not processes.is_main:  # once process 0 has prepared it
+        ensure_dataset(config)
     plan = plan_batch(config, devices)
     check_fits(config, plan.devices, *memory, eager_loss=eager_loss)
     return plan

@@ -85,9 +85,6 @@ class GrainLoader:
         """The given samples of the order as one micro-step: x, y int32 of shape (1, len(samples), T)."""
         return self._split(self.source.windows.take(samples)[None])  # from (1, rows, T+1)
 
-    def reset(self) -> None:
-        self.load_state_dict({"samples": 0})
-
     def state_dict(self) -> dict:
         # In samples, not micro-steps: a micro-step's size depends on the number of devices, and a
         # run may resume on another number (two processes of four GPUs, then one GPU).

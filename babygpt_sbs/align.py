@@ -49,7 +49,6 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("data", "jax"): {
         "TokenWindowsSource": "grain reads records through a random-access data source object",
         "GrainLoader._micro_batch": "a stage of the grain pipeline (torch does it inline in next_batch)",
-        "GrainLoader._split": "a stage of the grain pipeline (torch does it inline in next_batch)",
         "GrainLoader._start": "builds the grain pipeline with read-ahead threads; torch reads synchronously",
     },
     ("parallel", "jax"): {

@@ -29,25 +29,23 @@ class DataLoaderLite:
         self.micro_steps = micro_steps
         self.position = 0  # global micro-steps consumed
 
+    def _split(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(tokens).long()
+        x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
+        return x.contiguous(), y.contiguous()
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y int64 of shape (micro_steps, count, T)."""
         micro_batches = []
         for position in range(self.position, self.position + self.micro_steps):
             rows = micro_batch_rows(position, self.plan.rows_per_micro_step, self.first_row, self.count)
             micro_batches.append(self.windows.rows(rows.start, len(rows)))  # (count, T+1)
-        tokens = torch.from_numpy(np.stack(micro_batches)).long()  # (micro_steps, count, T+1)
         self.position += self.micro_steps
-        x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
-        return x.contiguous(), y.contiguous()
+        return self._split(np.stack(micro_batches))  # from (micro_steps, count, T+1)
 
     def read(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
         """The given samples of the order as one micro-step: x, y int64 of shape (1, len(samples), T)."""
-        tokens = torch.from_numpy(self.windows.take(samples)[None]).long()  # (1, rows, T+1)
-        x, y = tokens[..., :-1], tokens[..., 1:]  # targets are the inputs shifted by one
-        return x.contiguous(), y.contiguous()
-
-    def reset(self) -> None:
-        self.load_state_dict({"samples": 0})
+        return self._split(self.windows.take(samples)[None])  # from (1, rows, T+1)
 
     def state_dict(self) -> dict:
         # In samples, not micro-steps: a micro-step's size depends on the number of processes, and

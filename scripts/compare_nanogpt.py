@@ -37,11 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from babygpt.data import list_shards, load_shard, prepare_shakespeare  # noqa: E402
-
-try:
-    from babygpt.run import read_metrics  # where the harness may move it
-except ImportError:
-    from parity.compare import read_metrics
+from babygpt.run import read_metrics  # noqa: E402
 
 CONFIG = "configs/shakespeare-gpt2.toml"
 DATASET = "babygpt_shakespeare"
