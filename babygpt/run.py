@@ -79,16 +79,16 @@ def keep_freed_host_memory(one_arena: bool) -> None:
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
-# libgomp's spin count before an idle OpenMP worker sleeps (its default is 300,000 spins, about
-# a millisecond on this CPU). Measured in docs/benchmarks.md (issue 21).
+# libgomp's spin count before an idle OpenMP worker sleeps (its documented default is 300,000).
+# The choice of 1,000 is measured in docs/benchmarks.md (issue 21).
 OPENMP_SPIN_COUNT = "1000"
 
 
 def let_openmp_threads_sleep() -> None:
     """Make torch's OpenMP workers (libgomp) sleep almost at once when they run out of work.
 
-    By default a worker that finishes its share of a parallel region spins for about a millisecond
-    waiting for the next one. On a CPU that another process shares, the spinning worker takes the
+    By default a worker that finishes its share of a parallel region spins 300,000 times waiting
+    for the next one. On a CPU that another process shares, the spinning worker takes the
     core its partner needs to finish the region, and every small op waits a whole scheduler slice:
     the default run fell to a fifth of its idle speed beside a JAX run. A short spin keeps the
     idle speed and shares the cores. libgomp reads its environment once, when torch loads it, so
