@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import select
 import signal
 import sys
 import time
@@ -232,11 +233,17 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
 
 def _read_line() -> str | None:
     if sys.stdin.isatty():
-        try:
-            return input("> ")
-        except EOFError:
+        print("> ", end="", flush=True)
+        # Not a blocking read: the kernel hands Ctrl-C's SIGINT to any of the process's threads
+        # (OpenBLAS's, XLA's), and a main thread blocked in read() wakes only if it landed there.
+        # Waiting in slices returns to Python, which runs the handler whichever thread took it. A
+        # terminal delivers whole lines, so once one is ready, readline() does not block.
+        while not select.select([sys.stdin], [], [], 0.1)[0]:
+            pass
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D: leave on a new line
             print(file=sys.stderr)
-            return None
+        return line or None
     line = sys.stdin.readline()
     return line or None
 

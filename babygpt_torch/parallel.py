@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -207,6 +208,10 @@ def shutdown() -> None:
     """
     if torch_dist.is_initialized():
         barrier("shutdown")
+        # FSDP2's parameters hold the group through their device mesh, in reference cycles that
+        # outlive the training function: collected here, the group is torn down now rather than
+        # during interpreter exit, where a gloo thread could abort the process (SIGABRT).
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

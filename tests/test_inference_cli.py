@@ -259,6 +259,17 @@ def _read_until(fd: int, buffer: bytearray, done: Callable[[bytes], bool], timeo
     return True
 
 
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's wait status once it has exited, or None if it is still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.1)
+    return None
+
+
 def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(transformers_dir):
     """In a terminal (a pty, so ^C is a real SIGINT from the line discipline): the first Ctrl-C,
     while tokens stream, stops the sample and returns to the prompt, its message on a line of its
@@ -277,7 +288,9 @@ def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(t
     # process, which JAX would warn about).
     fd, terminal = pty.openpty()
     command = ["setsid", "--ctty", sys.executable, str(ROOT / "inference.py"), *args]
-    child = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
+    # A child that hangs dumps every thread's stack on SIGABRT, so that a failure says where.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    child = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT, env=env)
     os.close(terminal)
     pid = child.pid
     out, status = bytearray(), None
@@ -290,7 +303,12 @@ def test_ctrl_c_in_a_jax_session_stops_the_sample_and_a_second_leaves_with_130(t
         assert _read_until(fd, out, lambda b: b.endswith(b"> "), 60), out.decode(errors="replace")
         os.write(fd, b"\x03")
         _read_until(fd, out, lambda b: False, 60)  # to the end of the output
-        _, status = os.waitpid(pid, 0)
+        status = _wait(pid, 60)
+        if status is None:  # still running: its stacks, then fail
+            os.kill(pid, signal.SIGABRT)
+            _read_until(fd, out, lambda b: False, 10)
+            status = _wait(pid, 10)
+            pytest.fail("the second Ctrl-C did not end the session:\n" + out.decode(errors="replace"))
     finally:
         if status is None:  # a failed assert: do not leave the child behind
             os.kill(pid, signal.SIGKILL)
