@@ -287,7 +287,7 @@ def generate_sample(generate: Callable, model, config: Config) -> str:
     `generate` is the backend's `generate(model, prompts, new_tokens, ...)`.
     """
     t = config.train
-    prompt = encode_prompt(t.sample_prompt)[-config.model.block_size + 1 :]
-    new_tokens = min(t.sample_tokens, config.model.block_size - len(prompt))  # the KV cache holds one context
-    [tokens] = generate(model, [prompt], new_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
+    prompt = encode_prompt(t.sample_prompt)
+    # Any length: past the context, each token sees the last block_size tokens (a sliding window).
+    [tokens] = generate(model, [prompt], t.sample_tokens, temperature=0.8, top_k=200, top_p=None, seed=t.seed)
     return get_tokenizer().decode(prompt + list(tokens))

@@ -372,12 +372,20 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, tiny_config, args, message
     assert not (tiny_config.run_dir / "metrics.jsonl").exists()
 
 
-def test_generate_sample_continues_the_prompt_within_the_context(tiny_config):
-    # 50 tokens do not fit a 16-token context after the prompt: the sample is shortened, not an error
+def test_generate_sample_runs_past_the_context(tiny_config):
+    # 50 tokens after the prompt do not fit a 16-token context: all 50 come, through the window
     config = _with(tiny_config, sample_tokens=50, sample_prompt="ROMEO:")
     config = _with(config, "model", vocab_size=50257)  # the prompt is real GPT-2 tokens
     torch.manual_seed(0)
     model = GPT(config.model).eval()
-    text = generate_sample(generate, model, config)
+    lengths = []
+
+    def counted(*args, **kwargs):
+        samples = generate(*args, **kwargs)
+        lengths.append(len(samples[0]))
+        return samples
+
+    text = generate_sample(counted, model, config)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+    assert lengths == [50]  # no end-of-text among them at this seed
     assert generate_sample(generate, model, config) == text  # seeded by train.seed
