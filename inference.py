@@ -21,11 +21,13 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from babygpt.cli import run_cli
 from babygpt.config import BACKENDS, BabyGPTError
 from babygpt.hf import read_hf_config
+from babygpt.run import StopSignal
 from babygpt.sampling import SamplingSettings, StreamDecoder
 from babygpt.tokenizer import EOT, encode_prompt, get_tokenizer
 
@@ -127,6 +129,7 @@ class Sampler:
         self.tokenizer = get_tokenizer()
         self.tokens = 0
         self.seconds = 0.0
+        self.poll: Callable[[], None] = lambda: None  # called between streamed tokens (the REPL's Ctrl-C)
 
     def run(self, prompt: str | None, settings: SamplingSettings, num_samples: int, stream: bool) -> None:
         ids = encode_prompt(prompt) if prompt is not None else [EOT]
@@ -142,6 +145,7 @@ class Sampler:
                 line_open = not text.endswith("\n")
 
         def on_token(row: int, token: int) -> None:
+            self.poll()
             if row == 0:  # the other samples finish together with this one and are printed then
                 write(decoder.feed(token))
 
@@ -160,7 +164,7 @@ class Sampler:
             )
 
         if self.warm_up:
-            generate((lambda row, token: None) if stream else None)
+            generate((lambda row, token: self.poll()) if stream else None)
             self.warm_up = False
         if stream:
             write(prompt or "")
@@ -204,10 +208,19 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
     Ctrl-C during a sample stops it and returns to the prompt; Ctrl-C at the prompt leaves (130).
     """
     print(f"{REPL_HELP}\n", file=sys.stderr)
+    # Ctrl-C as a request, acted on where the REPL polls: between tokens and while it waits for a
+    # line. Raised by the handler wherever the main thread happened to be, it was lost now and then
+    # (inside a library that catches it) and did not wake a read() blocked at the prompt.
+    with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
+        sampler.poll = ctrl_c.raise_if_received
+        return _repl(sampler, settings, num_samples, ctrl_c.raise_if_received)
+
+
+def _repl(sampler: Sampler, settings: SamplingSettings, num_samples: int, poll: Callable[[], None]) -> int:
     turn = 0
     while True:
         try:
-            line = _read_line()
+            line = _read_line(poll)
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130
@@ -231,7 +244,7 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
             print("stopped; Ctrl-C again (or /quit) to leave", file=sys.stderr)
 
 
-def _read_line() -> str | None:
+def _read_line(poll: Callable[[], None]) -> str | None:
     if sys.stdin.isatty():
         print("> ", end="", flush=True)
         # Not a blocking read: the kernel hands Ctrl-C's SIGINT to any of the process's threads
@@ -239,12 +252,13 @@ def _read_line() -> str | None:
         # Waiting in slices returns to Python, which runs the handler whichever thread took it. A
         # terminal delivers whole lines, so once one is ready, readline() does not block.
         while not select.select([sys.stdin], [], [], 0.1)[0]:
-            pass
+            poll()
         line = sys.stdin.readline()
         if not line:  # Ctrl-D: leave on a new line
             print(file=sys.stderr)
         return line or None
-    line = sys.stdin.readline()
+    poll()
+    line = sys.stdin.readline()  # a pipe: may hold buffered lines that select() cannot see
     return line or None
 
 

@@ -240,11 +240,13 @@ class StopSignal:
     collective runs the handler only once the collective returns, so a signal alone no longer ends
     it; what does is the collective failing (a dead peer, the process-group timeout) or torchrun's
     SIGKILL, sent when its grace period (30 s) runs out.
+    The REPL (inference.py) takes SIGINT alone, polled between tokens and while it waits for a line.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, signals: tuple[int, ...] = SIGNALS):
+        self.signals = signals
         self.signum: int | None = None  # the first stop request's signal
         self._previous: dict = {}  # the handlers to put back on exit
 
@@ -252,9 +254,19 @@ class StopSignal:
     def received(self) -> bool:
         return self.signum is not None
 
+    def raise_if_received(self) -> None:
+        """A polling point for an interactive loop: a request since the last one, as KeyboardInterrupt.
+
+        Raised here, in the caller's own code, rather than by the handler wherever the main thread
+        happened to be: that could be inside a library that catches it, and the Ctrl-C was lost.
+        """
+        if self.signum is not None:
+            self.signum = None
+            raise KeyboardInterrupt
+
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # the only thread Python signals
-            for signum in self.SIGNALS:
+            for signum in self.signals:
                 self._previous[signum] = (
                     signal.getsignal(signum) or signal.SIG_DFL
                 )  # None: set outside Python

@@ -252,3 +252,23 @@ def test_a_users_openmp_wait_policy_is_left_alone():
 
 def test_too_late_once_torch_is_loaded_so_nothing_is_set():
     assert _spin_count_after("import torch, babygpt_torch.model") == "unset"
+
+
+def test_a_polled_ctrl_c_is_raised_once_where_the_loop_polls():
+    """The REPL's Ctrl-C (StopSignal over SIGINT alone): the handler only records it; the loop's
+    poll raises it, once; a second Ctrl-C before a poll raises at once; SIGTERM is left alone."""
+    from babygpt.run import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
+        assert signal.getsignal(signal.SIGTERM) is before
+        ctrl_c.raise_if_received()  # nothing yet
+        signal.raise_signal(signal.SIGINT)  # the handler runs in this (the main) thread
+        assert ctrl_c.received
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.raise_if_received()
+        ctrl_c.raise_if_received()  # taken: not raised again
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # a second one before the poll: at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
