@@ -259,9 +259,11 @@ def test_a_polled_ctrl_c_is_raised_once_where_the_loop_polls():
     poll raises it, once; a second Ctrl-C before a poll raises at once; SIGTERM is left alone."""
     from babygpt.run import StopSignal
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {
+        s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
+    }  # SIGINT: SIG_IGN in a background job
     with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
-        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
         ctrl_c.raise_if_received()  # nothing yet
         signal.raise_signal(signal.SIGINT)  # the handler runs in this (the main) thread
         assert ctrl_c.received
@@ -271,4 +273,4 @@ def test_a_polled_ctrl_c_is_raised_once_where_the_loop_polls():
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):  # a second one before the poll: at once
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
