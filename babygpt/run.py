@@ -258,7 +258,7 @@ class StopSignal:
         """A polling point for an interactive loop: a request since the last one, as KeyboardInterrupt.
 
         Raised here, in the caller's own code, rather than by the handler wherever the main thread
-        happened to be: that could be inside a library that catches it, and the Ctrl-C was lost.
+        happened to be (inside a library, which may catch it: one CI run lost a Ctrl-C so).
         """
         if self.signum is not None:
             self.signum = None
