@@ -209,8 +209,8 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
     """
     print(f"{REPL_HELP}\n", file=sys.stderr)
     # Ctrl-C as a request, acted on where the REPL polls: between tokens and while it waits for a
-    # line. Raised by the handler wherever the main thread happened to be, it was lost now and then
-    # (inside a library that catches it) and did not wake a read() blocked at the prompt.
+    # line. Raised by the handler wherever the main thread happened to be, it did not wake a read()
+    # blocked at the prompt, and one CI run lost it mid-stream (ARCHITECTURE.md, "Stops").
     with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
         sampler.poll = ctrl_c.raise_if_received
         return _repl(sampler, settings, num_samples, ctrl_c.raise_if_received)
