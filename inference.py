@@ -213,14 +213,14 @@ def repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
     # blocked at the prompt, and one CI run lost it mid-stream (ARCHITECTURE.md, "Stops").
     with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
         sampler.poll = ctrl_c.raise_if_received
-        return _repl(sampler, settings, num_samples, ctrl_c.raise_if_received)
+        return _repl(sampler, settings, num_samples)
 
 
-def _repl(sampler: Sampler, settings: SamplingSettings, num_samples: int, poll: Callable[[], None]) -> int:
+def _repl(sampler: Sampler, settings: SamplingSettings, num_samples: int) -> int:
     turn = 0
     while True:
         try:
-            line = _read_line(poll)
+            line = _read_line(sampler.poll)
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130

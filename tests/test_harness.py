@@ -259,9 +259,8 @@ def test_a_polled_ctrl_c_is_raised_once_where_the_loop_polls():
     poll raises it, once; a second Ctrl-C before a poll raises at once; SIGTERM is left alone."""
     from babygpt.run import StopSignal
 
-    before = {
-        s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
-    }  # SIGINT: SIG_IGN in a background job
+    # Whatever they were: SIGINT is SIG_IGN in a job started in the background.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with StopSignal(signals=(signal.SIGINT,)) as ctrl_c:
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
         ctrl_c.raise_if_received()  # nothing yet
