@@ -24,6 +24,9 @@ from flax import nnx
 from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts, prefill_length
 from babygpt_jax.model import GPT
 
+# The fewest rows decoded at once, per JAX backend (a batch of one is padded with copies).
+MIN_ROWS = {"gpu": 4}
+
 
 def load_model(path: str | Path) -> GPT:
     """A Hugging Face GPT-2 directory, ready to sample: bfloat16 compute on a GPU, float32 on CPU."""
@@ -121,13 +124,18 @@ def generate(
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
+    B = len(prompts)
+    # XLA turns a one-row matmul into a multiply and a reduction, which on a GPU is slower than
+    # the matrix kernel it uses for a few rows (docs/performance.md): a lone prompt is decoded
+    # beside copies of itself, which are done from the start and dropped.
+    prompts = prompts + prompts[:1] * (MIN_ROWS.get(jax.default_backend(), 1) - B)
     lengths = [len(p) for p in prompts]
     shortest = min(lengths)
-    B, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
+    rows, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
     cached_last, last = cached_positions(prompts, max_new_tokens, config.block_size)
     # Every row's token at every position: the prompts, then what decoding chooses. At least one
     # column more than the cache, because the last chosen token is never fed back.
-    padded = np.zeros((B, max(S, last) + 1), np.int32)
+    padded = np.zeros((rows, max(S, last) + 1), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
@@ -143,10 +151,10 @@ def generate(
         jnp.float32(1.0 if top_p is None else top_p),
     )
     key = jax.random.key(seed)
-    collector = RowCollector(lengths, max_new_tokens, stop_token, on_token)
+    collector = RowCollector(lengths[:B], max_new_tokens, stop_token, on_token)
 
     if on_token is None:
-        ends = lengths_arr + max_new_tokens - 1  # each row's last position
+        ends = (lengths_arr + max_new_tokens - 1).at[B:].set(-1)  # each row's last position
         stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no token id matches
         padded[:, : S + 1] = decode_loop(
             state,
@@ -161,15 +169,15 @@ def generate(
             settings,
         )
         for pos in range(shortest, cached_last + 1):
-            collector.add(pos, padded[:, pos].tolist())
+            collector.add(pos, padded[:B, pos].tolist())
             if collector.finished:
                 break
     else:
-        cache = model.init_cache(B, S, model.dtype)
+        cache = model.init_cache(rows, S, model.dtype)
         cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
         for pos in range(shortest, cached_last + 1):
             padded[:, pos] = np.asarray(token)
-            collector.add(pos, padded[:, pos].tolist())
+            collector.add(pos, padded[:B, pos].tolist())
             if collector.finished or pos == cached_last:
                 break
             cache, token = step(state, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
@@ -180,7 +188,7 @@ def generate(
             break
         window = jnp.asarray(padded[:, pos - config.block_size : pos])  # (B, block_size)
         padded[:, pos] = np.asarray(window_step(state, window, jnp.int32(pos), key, settings))
-        collector.add(pos, padded[:, pos].tolist())
+        collector.add(pos, padded[:B, pos].tolist())
     return collector.tokens
 
 

@@ -258,6 +258,21 @@ def test_device_loop_stops_at_the_stop_token(backend, models, at, rows):
     assert _streamed(backend, models, PROMPTS[:rows], 12, stop_token=stop, **kwargs) == expected
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["device-loop", "streamed"])
+def test_jax_pads_a_lone_prompt_with_copies_that_change_nothing(lively_models, monkeypatch, streamed):
+    """On a GPU a batch of one is decoded beside copies (MIN_ROWS): greedy output, the stop token
+    and the sliding window past the context are what the lone row gives alone."""
+    run = _streamed if streamed else generate
+    kwargs = dict(temperature=0.0, stop_token=None)
+    alone = run("jax", lively_models, PROMPTS[1:2], PAST, **kwargs)
+    monkeypatch.setitem(jgen.MIN_ROWS, "cpu", 3)
+    assert run("jax", lively_models, PROMPTS[1:2], PAST, **kwargs) == alone
+    stop = alone[0][5]
+    assert run("jax", lively_models, PROMPTS[1:2], PAST, temperature=0.0, stop_token=stop) == [
+        alone[0][: alone[0].index(stop)]
+    ]
+
+
 # --- the context window ---------------------------------------------------------------------
 
 
