@@ -8,6 +8,7 @@ value passed in and returned rather than a buffer written in place.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -80,7 +81,11 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x):
-        x = nnx.gelu(self.c_fc(x), approximate=True)  # GPT-2 used the tanh approximation
+        # GPT-2 used the tanh approximation. Rematerialised: autodiff would keep each of its
+        # intermediates for the backward, several (B, T, 4C) arrays per layer; recomputing them
+        # from the input costs no time on a GPU and saves 2.3 GiB at GPT-2 124M, B=32
+        # (torch.compile's partitioner makes that choice by itself).
+        x = jax.checkpoint(partial(nnx.gelu, approximate=True))(self.c_fc(x))
         return self.dropout(self.c_proj(x))
 
 
