@@ -130,7 +130,7 @@ class Config:
 
 
 BACKENDS = ("jax", "torch")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float64")  # float64: every op, for parity checks on a CPU
 
 
 def _closest(word: str, options) -> str:

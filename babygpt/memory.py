@@ -62,8 +62,12 @@ def training_bytes(
     config: Config, devices: int, compute_dtype: str, gpu: bool, eager_loss: bool = False
 ) -> dict[str, int]:
     """Bytes per device of one training step, by part: params_and_optimizer, activations,
-    attention, logits, runtime (and their total). `compute_dtype` is "float32" or "bfloat16";
-    `eager_loss`: the loss head runs op by op (torch without torch.compile), see EAGER_LOGITS."""
+    attention, logits, runtime (and their total). `compute_dtype` is "float32", "bfloat16" or
+    "float64" (everything float32 holds, twice over); `eager_loss`: the loss head runs op by op
+    (torch without torch.compile), see EAGER_LOGITS."""
+    if compute_dtype == "float64":
+        single = training_bytes(config, devices, "float32", gpu, eager_loss)
+        return {part: 2 * n for part, n in single.items()}
     m, t = config.model, config.train
     P, C, L = num_params(m), m.n_embd, m.n_layer
     B, T = t.micro_batch_size, m.block_size

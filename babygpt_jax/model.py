@@ -40,7 +40,7 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.implementation = attention_implementation(dtype)  # chosen once, for the training forward
-        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=_master(dtype), rngs=rngs)
         self.c_attn = nnx.Linear(C, 3 * C, kernel_init=_normal(0.02), **dense)
         self.c_proj = nnx.Linear(C, C, kernel_init=_normal(proj_std), **dense)  # GPT-2: scaled residual init
         self.resid_dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -58,8 +58,8 @@ class CausalSelfAttention(nnx.Module):
             # Decoding: a new cache with this step's keys/values at pos..pos+T-1, attended over
             # whole with a mask hiding unwritten slots. The caller keeps the returned cache.
             k_cache, v_cache = kv_cache  # (B, S, nh, hs)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
             index = pos + jnp.arange(T)
             mask = jnp.arange(k_cache.shape[1])[None, :] <= index[:, None]  # (T, S)
             y = jax.nn.dot_product_attention(
@@ -73,7 +73,7 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         C, proj_std = config.n_embd, 0.02 * (2 * config.n_layer) ** -0.5
-        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        dense = dict(use_bias=config.bias, dtype=dtype, param_dtype=_master(dtype), rngs=rngs)
         self.c_fc = nnx.Linear(C, 4 * C, kernel_init=_normal(0.02), **dense)
         self.c_proj = nnx.Linear(
             4 * C, C, kernel_init=_normal(proj_std), **dense
@@ -89,23 +89,29 @@ class MLP(nnx.Module):
         return self.dropout(self.c_proj(x))
 
 
-def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Statistics in float32 whatever the compute dtype; the next Linear casts down.
+def _layer_norm(config: ModelConfig, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
+    # Statistics in float32 whatever the compute dtype (float64 in float64); the next Linear casts down.
     return nnx.LayerNorm(
         config.n_embd,
         epsilon=config.layer_norm_epsilon,
         use_bias=config.bias,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
+        dtype=_master(dtype),
+        param_dtype=_master(dtype),
         rngs=rngs,
     )
 
 
+def _master(dtype):
+    """The dtype of weights, LayerNorm and the loss: float32 under bfloat16 or float32 compute
+    (fp32 master weights), float64 under float64 (`train.dtype=float64`, for parity checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.ln_1 = _layer_norm(config, rngs)
+        self.ln_1 = _layer_norm(config, rngs, dtype)
         self.attn = CausalSelfAttention(config, rngs=rngs, dtype=dtype)
-        self.ln_2 = _layer_norm(config, rngs)
+        self.ln_2 = _layer_norm(config, rngs, dtype)
         self.mlp = MLP(config, rngs=rngs, dtype=dtype)
 
     def __call__(self, x, kv_cache=None, pos=None):
@@ -128,13 +134,15 @@ class GPT(nnx.Module):
         self.dtype = dtype
         V = config.padded_vocab_size
         block = RematBlock if remat else Block  # remat: less memory, a second forward in backward
-        embed = dict(embedding_init=_normal(0.02), dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        embed = dict(
+            embedding_init=_normal(0.02), dtype=_master(dtype), param_dtype=_master(dtype), rngs=rngs
+        )
         self.transformer = nnx.Dict(
             wte=nnx.Embed(V, config.n_embd, **embed),
             wpe=nnx.Embed(config.block_size, config.n_embd, **embed),
             drop=nnx.Dropout(config.dropout, rngs=rngs),
             h=nnx.List([block(config, rngs=rngs, dtype=dtype) for _ in range(config.n_layer)]),
-            ln_f=_layer_norm(config, rngs),
+            ln_f=_layer_norm(config, rngs, dtype),
         )
         # No lm_head module: weight tying is reusing wte's table in `_logits`.
 
@@ -184,7 +192,7 @@ class GPT(nnx.Module):
 
 
 def cross_entropy(logits, targets):
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(_master(logits.dtype))
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(logz - target_logit)

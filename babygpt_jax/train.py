@@ -155,11 +155,12 @@ def main(config: Config) -> dict:
 def _train(config: Config) -> dict:
     t = config.train
     processes = harness.Processes(jax.process_index(), parallel.any_process, parallel.barrier)
-    with harness.RunDir(config, processes, latest_step) as run:
+    dtype = jnp.dtype(compute_dtype_name(t.dtype, jax.default_backend())).type
+    # JAX makes float64 arrays only under x64 (train.dtype=float64, for parity checks), and only here.
+    with jax.enable_x64(dtype == jnp.float64), harness.RunDir(config, processes, latest_step) as run:
         resume_step = run.open()  # checks the run directory and locks it; writes nothing yet
         plan = harness.plan_run(config, processes, jax.device_count(), parallel.device_memory())
         mesh = parallel.make_mesh(config)
-        dtype = jnp.dtype(compute_dtype_name(t.dtype, jax.default_backend())).type
         model = _build_model(config, dtype)
         optimizer = make_optimizer(t)
         graphdef, rest, state, sharding = init_state(model, optimizer, mesh, t.fsdp, t.seed)

@@ -40,6 +40,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "attention_implementation": "jax.nn.dot_product_attention must be asked for cuDNN; torch's SDPA picks its kernel itself",
         "_normal": "Flax takes initializers at construction; torch re-initializes after (GPT._init_weights)",
         "_layer_norm": "Flax LayerNorm takes its float32 dtype at construction; torch autocast keeps LayerNorm in float32 itself",
+        "_master": "Flax takes each module's weight and compute dtypes at construction; torch converts the built model (`.to(torch.float64)`) and autocasts the rest",
         "cross_entropy": "jax.nn has no cross-entropy; torch calls F.cross_entropy",
         "_hf_name": "Flax names parameters kernel/scale/embedding; torch's state_dict names are HF's already",
     },

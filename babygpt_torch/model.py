@@ -126,9 +126,10 @@ class GPT(nn.Module):
         logits, _ = self._logits(idx)
         loss = None
         if targets is not None:
-            # The loss in float32 whatever the compute dtype; padded logits are -inf, so they
-            # take no probability mass.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            # The loss in float32 whatever the compute dtype (float64 in float64); padded logits
+            # are -inf, so they take no probability mass.
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits32.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def decode(self, idx, kv_cache: KVCache, pos):

@@ -1,7 +1,8 @@
 """AdamW with linear warmup and cosine decay, in PyTorch: `torch.optim.AdamW` plus a `LambdaLR`.
 
 The mirror of `babygpt_jax/optim.py`, which builds the same thing from optax transformations. The
-schedule is written out by hand here and is optax's `warmup_cosine_decay_schedule`, step for step.
+schedule is written out by hand in both, the same formula (optax's `warmup_cosine_decay_schedule`
+gives the same rates, less precisely in float32).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def train_step(state: TrainState, batch: dict, *, autocast_dtype: torch.dtype, g
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     state.model.train()  # dropout on
     state.optimizer.zero_grad(set_to_none=True)  # the .grads the backward passes add into
-    loss_sum = torch.zeros((), device=x.device)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)  # for the log: float64 keeps every digit
 
     for i in range(micro_steps):  # each micro-batch's loss, and its gradient added to the .grads
         with parallel.no_sync(state.model, sync=i == micro_steps - 1):
@@ -82,13 +82,14 @@ def train_step(state: TrainState, batch: dict, *, autocast_dtype: torch.dtype, g
 def evaluate(model: nn.Module, val_loader: DataLoaderLite, sequences: int, autocast_dtype, dist) -> float:
     """Mean loss over validation samples 0 .. sequences-1: the same sequences on any process count."""
     model.eval()
-    total = torch.zeros((), device=dist.device)
+    total = torch.zeros((), device=dist.device, dtype=torch.float64)
     rows = (val_loader.plan.rows_per_micro_step, val_loader.first_row, val_loader.count)
     for samples, weights in validation_batches(sequences, *rows):  # this process's rows; padding weighs 0
         x, y, w = parallel.make_global_batch((*val_loader.read(samples), torch.tensor(weights[None])), dist)
         with _autocast(dist.device, autocast_dtype):
             logits, _ = model(x[0])  # (rows, T, V)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), y[0], reduction="none")  # (rows, T)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
+        losses = F.cross_entropy(logits.transpose(1, 2), y[0], reduction="none")  # (rows, T)
         total += (losses.mean(1) * w[0]).sum()  # weight x each sequence's mean loss, summed over rows
     model.train()
     return (parallel.all_reduce_mean(total) * dist.world_size).item() / sequences  # summed over processes
@@ -180,12 +181,14 @@ def _build_model(config: Config) -> GPT:
     model = GPT(config.model, remat=config.train.remat)
     if (tensors := pretrained_tensors(config)) is not None:
         load_hf_tensors(model, tensors)
+    if config.train.dtype == "float64":  # every weight and every op (for parity checks on a CPU)
+        model = model.to(torch.float64)
     return model
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
-    """bfloat16 matmuls under autocast; float32 needs no autocast at all."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    """bfloat16 matmuls under autocast; float32 and float64 need no autocast at all."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16)
 
 
 def _rng_state() -> dict:

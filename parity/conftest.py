@@ -6,6 +6,7 @@ The random weights (O(1)-scaled, see parity/weights.py) and the runs are float32
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # The same settings as tests/conftest.py (whichever conftest is imported first decides for jax).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -38,12 +39,21 @@ def trained_runs(tmp_path_factory):
     process (1 row, 16 micro-steps): the same 16 sequences per step either way, by design of
     `babygpt.data.micro_batch_rows`. Returns `parity.compare.run_both`'s result.
     """
+    return _train_both(tmp_path_factory.mktemp("parity-runs"), "float32")
+
+
+@pytest.fixture(scope="session")
+def trained_runs_float64(tmp_path_factory):
+    """The same two runs with `train.dtype=float64`: every weight and every op in float64."""
+    return _train_both(tmp_path_factory.mktemp("parity-runs-float64"), "float64")
+
+
+def _train_both(root: Path, dtype: str) -> dict:
     from babygpt.config import load_config
     from babygpt.hf import write_hf_dir
     from parity.compare import run_both
     from parity.convert import to_hf
 
-    root = tmp_path_factory.mktemp("parity-runs")
     rng = np.random.default_rng(0)
     data = root / "data" / "tiny"
     write_shard(shard_path(data, "train", 0), rng.integers(0, 100, 3000))
@@ -70,7 +80,7 @@ def trained_runs(tmp_path_factory):
             "train.checkpoint_interval=8",
             "train.log_interval=1",
             "train.sample_tokens=0",
-            "train.dtype=float32",
+            f"train.dtype={dtype}",
             f"train.init_from={init}",
             "data.dataset=tiny",
             f"data.data_dir={root / 'data'}",

@@ -172,7 +172,7 @@ def test_lr_schedule_equal_at_every_step(train):
         optimizer.step()
         scheduler.step()
     expected = np.array([torch_lr(int(s)) for s in steps])
-    # optax evaluates the schedule in float32: errors ~1e-7 of max_lr (relative near min_lr=0)
+    # JAX evaluates the schedule in float32: errors ~1e-7 of max_lr (relative near min_lr=0)
     jax_lrs = np.array([jax_lr(s) for s in steps])
     np.testing.assert_allclose(jax_lrs, expected, rtol=1e-6, atol=2e-7 * train.max_lr)
     np.testing.assert_allclose(applied, expected, rtol=1e-12, atol=1e-15)  # float64 in both

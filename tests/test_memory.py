@@ -42,6 +42,8 @@ def test_parts_follow_the_model_and_the_batch():
     for part in ("activations", "attention", "logits"):
         assert double[part] == 2 * fp32[part]
     assert double["params_and_optimizer"] == fp32["params_and_optimizer"]
+    fp64 = training_bytes(config, 1, "float64", gpu=False)  # train.dtype=float64: all of it, twice
+    assert fp64 == {part: 2 * n for part, n in fp32.items()}
 
 
 def test_fsdp_divides_the_states_and_remat_keeps_one_block():
