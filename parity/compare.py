@@ -2,14 +2,15 @@
 
     python -m parity.compare [--config configs/shakespeare.toml] [--out PNG] [section.key=value ...]
 
-Two full training runs, torch then JAX (the default preset: 800 steps each, about 4 minutes on a
-2-core CPU). Both start from one Hugging Face directory (`train.init_from`; a fresh torch init
-written beside the runs when the config names none), so the curves differ only by what the
-backends compute. With `<name>` the run.name given, else the preset's file name, the runs go to
-`<out_dir>/<name>-parity-torch` and `<out_dir>/<name>-parity-jax`, the fresh init to
-`<out_dir>/<name>-parity-init`, and the plot (both curves and their difference) to
-`<out_dir>/<name>-parity.png` unless `--out` says otherwise. Existing runs of those names are
-never touched: the comparison refuses before it writes anything.
+Two full training runs, torch then JAX, compared at every step. Both start from one Hugging Face
+directory (`train.init_from`; a fresh torch init written beside the runs when the config names
+none) and see the same batches, in float64 unless `train.dtype` is given (or set by the preset), so
+the curves differ only by what the backends compute; `train.dtype=float32` compares the runs
+`train.py` makes on a CPU, whose rounding training amplifies (docs/parity.md). With `<name>` the
+run.name given, else the preset's file name, the runs go to `<out_dir>/<name>-parity-torch` and
+`<out_dir>/<name>-parity-jax`, the fresh init to `<out_dir>/<name>-parity-init`, and the plot
+(both curves and their difference) to `<out_dir>/<name>-parity.png` unless `--out` says otherwise.
+Existing runs of those names are never touched: the comparison refuses before it writes anything.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def parity_config(config: Config, config_path: str | Path | None) -> Config:
     given = config.run.name != default_run_name(config_path, config.run.backend)
     base = config.run.name if given else preset_name(config_path)
     return dataclasses.replace(config, run=dataclasses.replace(config.run, name=f"{base}-parity"))
+
+
+def comparison_defaults(config_path: str | Path | None, overrides: list[str]) -> list[str]:
+    """`overrides` with what a comparison changes unless told otherwise: the loss logged at every
+    step, and float64 where the preset leaves the dtype to the device (`auto`). In float32 the two
+    backends' last-bit differences are amplified by training into curves ~1e-3 apart; float64
+    leaves only what the backends compute differently (docs/parity.md, "How far the curves drift")."""
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    defaults = [] if "train.log_interval" in given else ["train.log_interval=1"]
+    if "train.dtype" not in given and load_config(config_path, overrides).train.dtype == "auto":
+        defaults.append("train.dtype=float64")
+    return defaults + overrides
 
 
 def run_both(config: Config) -> dict:
@@ -141,10 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="where to write the PNG")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
     args = parser.parse_intermixed_args(argv)
-    config = parity_config(load_config(args.config, args.overrides), args.config)
+    config = parity_config(
+        load_config(args.config, comparison_defaults(args.config, args.overrides)), args.config
+    )
     result = run_both(config)
     out = args.out or config.run_dir.with_name(f"{config.run.name}.png")
-    plot(result, out, config.run.name)
+    plot(result, out, f"{config.run.name}, {compute_dtype_name(config.train.dtype, 'cpu')}")
     first = result["first_above_1e-3"]
     print(
         f"{len(result['steps'])} steps | max |loss difference| {result['max_abs_diff']:.3e}"
@@ -164,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             " differ in the last bits (about 1e-7 relative; pytest parity holds one step to that)."
             " Training feeds each step's result into the next and amplifies such differences: the"
             " curves agree to about 1e-5 at first and can drift apart by ~1e-3 where the run leaves"
-            " its early loss plateau. To see that this is rounding and not a difference in what the"
-            " backends compute, run the same comparison in float64 (train.dtype=float64, about"
-            " twice as long): the curves then agree to about 1e-6 at every step."
+            " its early loss plateau. That this is rounding, not a difference in what the backends"
+            " compute, shows in float64 (the comparison's default when train.dtype is not given):"
+            " the same run's curves then agree to about 1e-6 at every step."
         )
 
 

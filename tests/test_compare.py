@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from babygpt.config import BabyGPTError, load_config
-from parity.compare import main, parity_config
+from parity.compare import comparison_defaults, main, parity_config
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "configs" / "shakespeare.toml"
 
@@ -24,3 +24,16 @@ def test_compare_names_its_runs_apart_and_refuses_existing_ones(tmp_path):
     ):
         main([f"run.out_dir={tmp_path}", "--config", str(SHAKESPEARE)])  # options after overrides too
     assert [p.name for p in tmp_path.iterdir()] == ["shakespeare-parity-jax"]  # no init, no torch run
+
+
+def test_compare_runs_every_step_in_float64_unless_told_otherwise(tmp_path):
+    assert comparison_defaults(SHAKESPEARE, ["train.max_steps=5"]) == [
+        "train.log_interval=1",
+        "train.dtype=float64",
+        "train.max_steps=5",
+    ]
+    given = ["train.dtype=float32", "train.log_interval=5"]
+    assert comparison_defaults(SHAKESPEARE, given) == given
+    preset = tmp_path / "bf16.toml"  # a preset that names its dtype keeps it
+    preset.write_text('[train]\ndtype = "bfloat16"\n')
+    assert comparison_defaults(preset, []) == ["train.log_interval=1"]
