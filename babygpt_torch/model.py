@@ -128,8 +128,8 @@ class GPT(nn.Module):
         if targets is not None:
             # The loss in float32 whatever the compute dtype (float64 in float64); padded logits
             # are -inf, so they take no probability mass.
-            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits32.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
+            loss = F.cross_entropy(wide.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def decode(self, idx, kv_cache: KVCache, pos):
