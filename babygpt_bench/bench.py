@@ -284,7 +284,7 @@ def _generator(args, model_config: ModelConfig):
             model = model.to(torch.bfloat16)  # inference holds the weights in bf16: half the bytes per step
 
         def run(prompts):
-            generate(model, prompts, n, temperature=0.0, stop_token=None)
+            generate(model, prompts, n, temperature=0.0, stop_token=None, fused=args.fused)
             if cuda:
                 torch.cuda.synchronize()
 
@@ -305,8 +305,7 @@ def _generator(args, model_config: ModelConfig):
             nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state))
 
         def run(prompts):
-            out = generate(model, prompts, n, temperature=0.0, stop_token=None)
-            return out
+            return generate(model, prompts, n, temperature=0.0, stop_token=None, fused=args.fused)
 
         device = jax.devices()[0]
         return (
@@ -434,6 +433,12 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true", help="activation checkpointing")
     parser.add_argument(
         "--fsdp", action="store_true", help="shard params and optimizer state (torch: FSDP2; jax: the mesh)"
+    )
+    parser.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate: decode in the hand-written kernels (kernels.py; default: on a GPU where they fit)",
     )
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)

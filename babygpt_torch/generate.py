@@ -95,6 +95,7 @@ def generate(
     stop_token: int | None = 50256,
     on_token: Callable[[int, int], None] | None = None,
     compile: bool | None = None,
+    fused: bool | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
 
@@ -116,6 +117,8 @@ def generate(
     the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
     (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
+    `fused` (default: with `compile`, where Triton fits the model) makes that step the hand-written
+    kernels of `babygpt_torch/kernels.py` (5 a layer) in a CUDA graph of its own, instead.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -131,9 +134,12 @@ def generate(
     device = model.lm_head.weight.device
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    buffers, (logits_at, commit, greedy_step, window_logits) = _compiled_steps(
-        model, B, S, device, dtype, on_gpu if compile is None else compile
+    compile = on_gpu if compile is None else compile
+    fused = compile and on_gpu and _kernels_fit(model) if fused is None else fused
+    buffers, (prepare, logits_at, commit, greedy_step, window_logits) = _compiled_steps(
+        model, B, S, device, dtype, compile, fused
     )
+    prepare()
     cache, tokens, lengths_t, pos_t = buffers
     tokens.copy_(padded[:, : S + 1])
     padded = padded.to(device)
@@ -182,16 +188,31 @@ def generate(
     return collector.tokens
 
 
+def _kernels_fit(model) -> bool:
+    try:
+        from babygpt_torch import kernels
+    except ImportError:  # no triton
+        return False
+    return kernels.supported(model.config)
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_steps(
-    model, batch_size: int, cache_len: int, device: torch.device, dtype: torch.dtype, compile: bool
+    model,
+    batch_size: int,
+    cache_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: bool,
+    fused: bool = False,
 ):
     """The decode buffers and the (compiled) one-token decode step, built once per shape.
 
     Buffers: the KV cache, every row's token at every position (B, S + 1), the prompt lengths (B,)
-    and the position the next step decodes (1,). Steps: `logits_at()`, `commit(token)`, which
-    writes every row's token at the next position, `greedy_step()`, the two with argmax between,
-    and `window_logits(window)`, past the context.
+    and the position the next step decodes (1,). Steps: `prepare()`, called once per generate
+    (the fused kernels take their bfloat16 weights again, in case training changed them),
+    `logits_at()`, `commit(token)`, which writes every row's token at the next position,
+    `greedy_step()`, the two with argmax between, and `window_logits(window)`, past the context.
     Capturable as a CUDA graph: fixed shapes, the position a device tensor, no read back to the
     host, and every buffer at a fixed address, so a graph replays with new values, not new tensors.
     """
@@ -227,13 +248,21 @@ def _compiled_steps(
         return logits.masked_fill(model.vocab_pad, float("-inf")).float()
 
     buffers = (cache, tokens, lengths, pos)
+    if fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
+        from babygpt_torch import kernels
+
+        decoder = kernels.FusedDecoder(model, batch_size)
+        logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811 (greedy_step calls it too)
+        graphed = (kernels.cuda_graph(logits_at), kernels.cuda_graph(greedy_step))
+        return buffers, (decoder.refresh, graphed[0], commit, graphed[1], window_logits)
     if not compile:
-        return buffers, (logits_at, commit, greedy_step, window_logits)
+        return buffers, (lambda: None, logits_at, commit, greedy_step, window_logits)
     for buffer in (tokens, lengths, pos, *(t for layer in cache for t in layer)):
         torch._dynamo.mark_static_address(buffer)  # written in place by the graph, never moved
     # reduce-overhead: CUDA graphs; fullgraph: a host sync (a graph break) fails loudly, not slowly.
     options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
     steps = (
+        lambda: None,
         torch.compile(logits_at, **options),
         commit,
         torch.compile(greedy_step, **options),

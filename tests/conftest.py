@@ -9,6 +9,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import torch  # noqa: E402
+
+# Without a GPU the fused decode kernels run in Triton's interpreter (tests/test_kernels.py);
+# triton reads this when first imported, which torch.compile does, so it is set before any test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,269 @@
+"""Fused decode kernels in Triton: one token per row through GPT-2 in 5 kernels a layer, not ~12.
+
+Decoding a token at batch 1 to 32 is latency-bound: each of the ~150 kernels `model.decode` runs
+per token (split across LayerNorm, GEMV, bias, GELU, residual add, cache write, attention, mask)
+takes ~3 us whatever it reads (docs/performance.md). Here a layer is five kernels:
+
+    ln_linear        LayerNorm, then the QKV matmul and its bias          (B, C) -> (B, 3C)
+    decode_attention the new key and value into the cache, attention      (B, 3C) -> (B, C)
+    linear_residual  the output projection and its bias, into the residual stream
+    ln_linear        LayerNorm, then the MLP's first matmul, bias and GELU (B, C) -> (B, 4C)
+    linear_residual  the MLP's second matmul and bias, into the residual stream
+
+plus `embed` before the layers and `ln_linear` with the tied table as the head. Each kernel
+computes the same expression as the module it replaces under bfloat16 autocast: LayerNorm and the
+residual stream in float32, bfloat16 matmul inputs and outputs accumulated in float32 (tested
+against those expressions in tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py`
+(Pallas): the same kernels, the same blocks. Not a lesson file: `babygpt_torch/generate.py` uses
+`FusedDecoder` on a GPU and `model.decode` everywhere else.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
+check them on a CPU. The interpreter multiplies bfloat16 tiles as raw integers, so there the
+matmuls take float32 operands (`_DOT`), and it rounds to bfloat16 by truncating: the tests check
+the indexing, masking and arithmetic to a few bfloat16 steps, the GPU run checks the bfloat16
+tensor-core path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton.jit wraps a kernel
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from babygpt_torch.model import GPT  # noqa: E402
+
+BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
+_DOT = tl.bfloat16 if torch.cuda.is_available() else tl.float32
+
+
+def supported(config) -> bool:
+    """Whether these kernels fit a model: widths in whole K blocks, a power-of-two head size."""
+    hs = config.head_dim
+    return config.bias and config.n_embd % BLOCK_K == 0 and hs >= 16 and hs & (hs - 1) == 0
+
+
+def block_rows(batch_size: int) -> int:
+    """Rows every kernel computes: the batch rounded up to a tensor-core tile (16) or power of two."""
+    return max(16, triton.next_power_of_2(batch_size))
+
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
+    return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
+
+
+@triton.jit
+def _ln_linear_kernel(
+    x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps,
+    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
+    rows = tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    # LayerNorm statistics of every row, recomputed by each program: x is (BM, K), a few KB.
+    total = tl.zeros((BM,), tl.float32)
+    for k0 in range(0, K, BK):
+        total += tl.sum(tl.load(x_ptr + rows[:, None] * K + k0 + tl.arange(0, BK)[None, :]), axis=1)
+    mean = total / K
+    total = tl.zeros((BM,), tl.float32)
+    for k0 in range(0, K, BK):
+        x = tl.load(x_ptr + rows[:, None] * K + k0 + tl.arange(0, BK)[None, :]) - mean[:, None]
+        total += tl.sum(x * x, axis=1)
+    rstd = 1.0 / tl.sqrt(total / K + eps)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :])
+        x = (x - mean[:, None]) * rstd[:, None] * tl.load(g_ptr + ks)[None, :] + tl.load(b_ptr + ks)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])  # (BN, BK): rows of an (N, K) weight
+        acc += tl.dot(x.to(tl.bfloat16).to(DOT), tl.trans(w.to(DOT)))
+    if HAS_BIAS:  # autocast adds the bias in bfloat16
+        acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
+    out = acc.to(tl.bfloat16).to(tl.float32)  # autocast's bfloat16 matmul output
+    if GELU:
+        out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
+    if VALID_N < N:  # the head: padded vocabulary entries get no probability
+        out = tl.where(cols[None, :] < VALID_N, out, float("-inf"))
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _linear_residual_kernel(
+    h_ptr, w_ptr, bias_ptr, x_ptr,
+    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr,
+):  # fmt: skip
+    """x[:, n-block] += h @ w[n-block].T + bias, in place: each program reads and writes only its columns."""
+    rows = tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        h = tl.load(h_ptr + rows[:, None] * K + ks[None, :])
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
+        acc += tl.dot(h.to(DOT), tl.trans(w.to(DOT)))
+    acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
+    x = x_ptr + rows[:, None] * N + cols[None, :]
+    tl.store(x, tl.load(x) + acc.to(tl.bfloat16).to(tl.float32))
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, scale,
+    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
+
+    The cache is (B, nh, S, hs). Slot pos is read from registers, not from the cache just written.
+    Launched for the batch's rows only: the padded rows of y keep the zeros they were made with.
+    """
+    row, head = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, HS)
+    pos = tl.load(pos_ptr)
+    base = qkv_ptr + row * 3 * C + head * HS + d
+    q = tl.load(base).to(tl.float32)
+    k_new, v_new = tl.load(base + C), tl.load(base + 2 * C)
+    cache = (row * (C // HS) + head) * S * HS  # this (row, head)'s first slot
+    tl.store(k_cache_ptr + cache + pos * HS + d, k_new)
+    tl.store(v_cache_ptr + cache + pos * HS + d, v_new)
+    m = tl.full((), float("-inf"), tl.float32)  # running max, normaliser and weighted sum (online softmax)
+    norm = tl.zeros((), tl.float32)
+    acc = tl.zeros((HS,), tl.float32)
+    for s0 in range(
+        0, S, BS
+    ):  # a static loop (the interpreter takes no loaded bound), blocks past pos skipped
+        if s0 <= pos:
+            slots = s0 + tl.arange(0, BS)
+            offsets = cache + slots[:, None] * HS + d[None, :]  # (BS, hs)
+            seen = slots[:, None] < pos
+            k = tl.where(seen, tl.load(k_cache_ptr + offsets, mask=seen, other=0.0), k_new[None, :])
+            v = tl.where(seen, tl.load(v_cache_ptr + offsets, mask=seen, other=0.0), v_new[None, :])
+            scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale  # (BS,)
+            scores = tl.where(slots <= pos, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.exp(scores - m_new)
+            correction = tl.exp(m - m_new)
+            norm = norm * correction + tl.sum(p, axis=0)
+            acc = acc * correction + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m = m_new
+    tl.store(y_ptr + row * C + head * HS + d, (acc / norm).to(tl.bfloat16))
+
+
+@triton.jit
+def _embed_kernel(
+    tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, rows, stride, C: tl.constexpr, BK: tl.constexpr
+):
+    """x[row] = wte[tokens[row, pos]] + wpe[pos]; rows past the batch get zeros."""
+    row = tl.program_id(0)
+    real = row < rows
+    pos = tl.load(pos_ptr)
+    token = tl.load(tokens_ptr + row * stride + pos, mask=real, other=0)
+    for k0 in range(0, C, BK):
+        d = k0 + tl.arange(0, BK)
+        x = tl.load(wte_ptr + token * C + d) + tl.load(wpe_ptr + pos * C + d)
+        tl.store(x_ptr + row * C + d, tl.where(real, x, 0.0))
+
+
+def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None, block_n=32) -> torch.Tensor:
+    """out = act(LayerNorm(x) @ weight.T + bias): x (BM, K) float32, weight (N, K) bfloat16."""
+    BM, K = x.shape
+    N = weight.shape[0]
+    _ln_linear_kernel[(N // block_n,)](
+        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps,
+        K, N, BM, block_n, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
+    )  # fmt: skip
+    return out
+
+
+def linear_residual(h, weight, bias, x, *, block_n=16) -> torch.Tensor:
+    """x += h @ weight.T + bias, in place: h (BM, K) bfloat16, weight (N, K), x (BM, N) float32."""
+    BM, K = h.shape
+    N = weight.shape[0]
+    _linear_residual_kernel[(N // block_n,)](h, weight, bias, x, K, N, BM, block_n, BLOCK_K, _DOT)
+    return x
+
+
+def decode_attention(qkv, k_cache, v_cache, pos, y, rows: int) -> torch.Tensor:
+    """y (BM, C) from qkv (BM, 3C) and the (B, nh, S, hs) cache, which gains this position's keys and values."""
+    _, n_head, S, hs = k_cache.shape
+    C = n_head * hs
+    _decode_attention_kernel[(rows, n_head)](qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, 64)
+    return y
+
+
+def embed(tokens, pos, wte, wpe, x, rows: int) -> torch.Tensor:
+    """x (BM, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
+    _embed_kernel[(x.shape[0],)](tokens, pos, wte, wpe, x, rows, tokens.stride(0), x.shape[1], BLOCK_K)
+    return x
+
+
+class FusedDecoder:
+    """`model.decode` for one token per row at `pos`, in the kernels above, over fixed buffers.
+
+    Holds bfloat16 copies of the weights (`refresh()` takes them again: call it after training)
+    and every intermediate at a fixed address, so a CUDA graph of `logits()` replays with new
+    tokens and positions. The cache is the caller's, (B, nh, S, hs) bfloat16, written in place.
+    """
+
+    def __init__(self, model: GPT, batch_size: int):
+        c = model.config
+        self.model, self.rows = model, batch_size
+        BM, C, device = block_rows(batch_size), c.n_embd, model.lm_head.weight.device
+        new = lambda *shape, dtype=torch.bfloat16: torch.zeros(shape, dtype=dtype, device=device)
+        self.x = new(BM, C, dtype=torch.float32)  # the residual stream
+        self.qkv, self.y, self.h = new(BM, 3 * C), new(BM, C), new(BM, 4 * C)
+        self.out = new(BM, c.padded_vocab_size, dtype=torch.float32)  # logits
+        self.weights = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2}
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self.weights:
+                self.weights[name].copy_(param)
+
+    def logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """(B, V) float32 logits for the token every row of tokens (B, S + 1) holds at pos (1,)."""
+        h, w, c = self.model.transformer, self.weights, self.model.config
+        x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x, self.rows)  # float32 tables, as in decode
+        for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
+            p = f"transformer.h.{i}."
+            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv)
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.rows)
+            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x)
+            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, gelu=True)
+            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x)
+        head = w["transformer.wte.weight"]  # the tied table
+        ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size, block_n=64)
+        return self.out[: self.rows]
+
+
+def cuda_graph(fn):
+    """fn replayed as a CUDA graph: the first call runs it (compiling its kernels), the second
+    records it and replays the record, every later call replays it. fn must read and write only
+    tensors at fixed addresses (its result included), as `FusedDecoder` and the decode buffers do.
+    Without CUDA (the interpreter, in tests) fn itself."""
+    if not torch.cuda.is_available():
+        return fn
+    graph, result, calls = None, None, 0
+
+    def replay():
+        nonlocal graph, result, calls
+        calls += 1
+        if calls == 1:
+            return fn()
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                result = fn()
+        graph.replay()
+        return result
+
+    return replay
