@@ -100,6 +100,7 @@ def generate(
     stop_token: int | None = 50256,
     on_token: Callable[[int, int], None] | None = None,
     compile: bool | None = None,
+    fused: bool | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (at most max_new_tokens, ending before stop_token).
 
@@ -121,14 +122,18 @@ def generate(
     in-context decode loop runs on the device in one call, and the host reads the tokens once at
     the end of it; past the context the host reads each token, one full forward per read.
     `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
+    `fused` (default: on a GPU in bfloat16, where Pallas fits the model) makes the decode step the
+    hand-written kernels of `babygpt_jax/kernels.py` (5 a layer) instead of XLA's fusions.
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     B = len(prompts)
+    fused = _kernels_fit(model) if fused is None else fused
     # XLA turns a one-row matmul into a multiply and a reduction, which on a GPU is slower than
     # the matrix kernel it uses for a few rows (docs/performance.md): a lone prompt is decoded
-    # beside copies of itself, which are done from the start and dropped.
-    prompts = prompts + prompts[:1] * (MIN_ROWS.get(jax.default_backend(), 1) - B)
+    # beside copies of itself, which are done from the start and dropped (the fused kernels pad
+    # rows themselves).
+    prompts = prompts + prompts[:1] * ((1 if fused else MIN_ROWS.get(jax.default_backend(), 1)) - B)
     lengths = [len(p) for p in prompts]
     shortest = min(lengths)
     rows, S = len(prompts), cache_length(prompts, max_new_tokens, config.block_size)
@@ -139,8 +144,8 @@ def generate(
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
-    prefill, step, decode_loop, window_step = _compiled_steps(
-        graphdef, top_k is not None or top_p is not None
+    prefill, step, decode_loop, window_step, weights_of = _compiled_steps(
+        graphdef, top_k is not None or top_p is not None, fused
     )
     tokens, lengths_arr = jnp.asarray(padded[:, : S + 1]), jnp.asarray(lengths, jnp.int32)
     chunk = tokens[:, : prefill_length(shortest, S)]
@@ -175,12 +180,13 @@ def generate(
     else:
         cache = model.init_cache(rows, S, model.dtype)
         cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
+        weights = weights_of(state)  # once per call, not once per token
         for pos in range(shortest, cached_last + 1):
             padded[:, pos] = np.asarray(token)
             collector.add(pos, padded[:B, pos].tolist())
             if collector.finished or pos == cached_last:
                 break
-            cache, token = step(state, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
+            cache, token = step(state, weights, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
 
     # Past the context every row samples (prompts fit it), one full forward over its window each.
     for pos in range(cached_last + 1, last + 1):
@@ -192,9 +198,19 @@ def generate(
     return collector.tokens
 
 
+def _kernels_fit(model) -> bool:
+    if jax.default_backend() != "gpu" or model.dtype != jnp.bfloat16:
+        return False
+    from babygpt_jax import kernels
+
+    return kernels.supported(model.config)
+
+
 @functools.cache
-def _compiled_steps(graphdef, filtered: bool):
-    """The jitted prefill, decode step, whole decode loop and window step for one model structure (and filters)."""
+def _compiled_steps(graphdef, filtered: bool, fused: bool = False):
+    """The jitted prefill, decode step, whole decode loop and window step for one model structure
+    (and filters), and `weights_of(state)`: what the fused kernels read (None without them)."""
+    from babygpt_jax import kernels
 
     def model_of(state):
         model = nnx.merge(graphdef, state)
@@ -216,9 +232,16 @@ def _compiled_steps(graphdef, filtered: bool):
         last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
         return cache, choose(last_logits, n, tokens, lengths, key, settings)
 
-    def step(state, cache, token, pos, tokens, lengths, key, settings):
-        logits, cache = model_of(state).decode(token[:, None], cache, pos)  # (B, 1, V)
-        return cache, choose(logits[:, 0], pos + 1, tokens, lengths, key, settings)
+    def weights_of(state):
+        return kernels.decode_weights(model_of(state)) if fused else None
+
+    def step(state, weights, cache, token, pos, tokens, lengths, key, settings):
+        if fused:  # the same step in hand-written kernels (kernels.py)
+            logits, cache = kernels.fused_decode(model_of(state), weights, token, cache, pos)  # (B, V)
+        else:
+            logits, cache = model_of(state).decode(token[:, None], cache, pos)  # (B, 1, V)
+            logits = logits[:, 0]
+        return cache, choose(logits, pos + 1, tokens, lengths, key, settings)
 
     def decode_loop(state, chunk, n, last, tokens, lengths, ends, stop, key, settings):
         """Prefill, then decode steps in a `lax.while_loop` until position `last` or every row is done.
@@ -237,6 +260,7 @@ def _compiled_steps(graphdef, filtered: bool):
             state, model.init_cache(B, S, model.dtype), chunk, n, tokens, lengths, key, settings
         )
         tokens, done = write(tokens, token, n)
+        weights = weights_of(state)
 
         def not_done(carry):
             pos, _, _, done = carry
@@ -245,7 +269,7 @@ def _compiled_steps(graphdef, filtered: bool):
         def body(carry):
             pos, cache, tokens, done = carry
             token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
-            cache, token = step(state, cache, token, pos, tokens, lengths, key, settings)
+            cache, token = step(state, weights, cache, token, pos, tokens, lengths, key, settings)
             tokens, now_done = write(tokens, token, pos + 1)
             return pos + 1, cache, tokens, done | now_done
 
@@ -270,7 +294,8 @@ def _compiled_steps(graphdef, filtered: bool):
 
     return (
         jax.jit(prefill, donate_argnums=1),
-        jax.jit(step, donate_argnums=1),
+        jax.jit(step, donate_argnums=2),
         jax.jit(decode_loop, donate_argnums=4),
         jax.jit(window_step),
+        jax.jit(weights_of),
     )

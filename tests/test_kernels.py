@@ -60,7 +60,10 @@ def autocast_linear(x, weight, bias=None):
 
 def close(actual, expected, rel):
     """|actual - expected| within rel of the largest |expected|: a few bfloat16 steps."""
-    actual, expected = (np.asarray(torch.as_tensor(t).cpu(), np.float64) for t in (actual, expected))
+    actual, expected = (
+        np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, np.float64)
+        for t in (actual, expected)
+    )
     scale = np.abs(expected).max()
     assert np.abs(actual - expected).max() <= rel * scale, (np.abs(actual - expected).max(), scale)
 
@@ -147,3 +150,177 @@ def test_triton_fused_decoder_follows_model_decode(tk):
         for layer, ref_layer in zip(cache, ref_cache):
             for t, ref in zip(layer, ref_layer):  # keys, values
                 close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas (JAX), the same tests
+
+
+def jax_model(seed=0):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from babygpt_jax.model import GPT
+
+    model = GPT(CONFIG, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16)
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [p + 0.1 * jax.random.normal(k, p.shape) if p.ndim == 1 else p for p, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, moved))  # LayerNorm and biases away from (1, 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pk():
+    from babygpt_jax import kernels
+
+    return kernels
+
+
+def jnp_ln(x, scale, bias, eps=1e-5):
+    x = np.asarray(x, np.float32)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(scale) + np.asarray(bias)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_pallas_ln_linear_is_layernorm_then_linear(pk, gelu):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    BM, K, N = 16, 128, 192
+    x = (3 * rng.standard_normal((BM, K)) + 1).astype(np.float32)
+    scale, bias_ln = 1 + 0.1 * rng.standard_normal(K), 0.1 * rng.standard_normal(K)
+    weight, bias = jnp.asarray(0.05 * rng.standard_normal((N, K)), jnp.bfloat16), rng.standard_normal(N)
+    out = pk.ln_linear(jnp.asarray(x), jnp.asarray(scale, jnp.float32), jnp.asarray(bias_ln, jnp.float32),
+                       weight, jnp.asarray(bias, jnp.float32), eps=1e-5, gelu=gelu)  # fmt: skip
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))
+    expected = autocast_linear(t(jnp_ln(x, scale, bias_ln)), t(weight), t(bias))
+    expected = bf16(F.gelu(expected, approximate="tanh")) if gelu else expected
+    close(np.asarray(out, np.float32), expected, 2 * BF16)
+
+
+def test_pallas_ln_linear_masks_the_padded_vocabulary(pk):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((16, 64)).astype(np.float32), rng.standard_normal((128, 64))
+    weight = jnp.asarray(weight, jnp.bfloat16)
+    ones, zeros = jnp.ones(64), jnp.zeros(64)
+    out = np.asarray(
+        pk.ln_linear(
+            jnp.asarray(x),
+            ones,
+            zeros,
+            weight,
+            None,
+            eps=1e-5,
+            valid_n=100,
+            block_n=64,
+            out_dtype=jnp.float32,
+        )
+    )
+    assert np.isneginf(out[:, 100:]).all()
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))
+    close(out[:, :100], autocast_linear(t(jnp_ln(x, 1.0, 0.0)), t(weight)[:100]), 2 * BF16)
+
+
+def test_pallas_linear_residual_adds_into_x(pk):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)
+    weight = jnp.asarray(0.05 * rng.standard_normal((64, 256)), jnp.bfloat16)
+    bias, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((16, 64)).astype(np.float32)
+    out = pk.linear_residual(h, weight, jnp.asarray(bias), jnp.asarray(x))
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))
+    close(np.asarray(out), t(x) + autocast_linear(t(h), t(weight), t(bias)), 2 * BF16)
+
+
+@pytest.mark.parametrize("pos", [0, 5, 64, 130])
+def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(pos)
+    B, S, nh, hs = 3, 192, 2, 64
+    C, BM = nh * hs, 16
+    qkv = jnp.asarray(rng.standard_normal((BM, 3 * C)), jnp.bfloat16)
+    k_cache = jnp.asarray(rng.standard_normal((B, S, nh, hs)), jnp.bfloat16)
+    v_cache = jnp.asarray(rng.standard_normal((B, S, nh, hs)), jnp.bfloat16)
+    k_before, v_before = np.asarray(k_cache, np.float32), np.asarray(v_cache, np.float32)
+    y, k_after, v_after = pk.decode_attention(qkv, k_cache, v_cache, jnp.int32(pos), rows=B)
+    q, k, v = (a.reshape(BM, nh, hs)[:B] for a in np.split(np.asarray(qkv, np.float32), 3, axis=1))
+    k_before[:, pos], v_before[:, pos] = k, v
+    assert np.array_equal(np.asarray(k_after, np.float32), k_before)  # only slot pos changed
+    assert np.array_equal(np.asarray(v_after, np.float32), v_before)
+    t = lambda a: torch.tensor(a).transpose(1, 2)  # (B, nh, S, hs)
+    mask = torch.arange(S) <= pos
+    expected = F.scaled_dot_product_attention(
+        torch.tensor(q)[:, :, None], t(k_before), t(v_before), attn_mask=mask[None, :]
+    )
+    close(np.asarray(y, np.float32)[:B], expected.reshape(B, C), 2 * BF16)
+    assert (np.asarray(y, np.float32)[B:] == 0).all()  # padded rows
+
+
+def test_pallas_fused_decode_follows_model_decode(pk):
+    """Prefill a prompt, then decode eight greedy tokens both ways from the same cache."""
+    import jax
+    import jax.numpy as jnp
+
+    model = jax_model()
+    B, S, prompt = 3, 64, 6
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (B, S + 1)).astype(np.int32)
+    weights = pk.decode_weights(model)
+    _, cache = model.decode(jnp.asarray(tokens[:, :prompt]), model.init_cache(B, S, jnp.bfloat16), 0)
+    ref_cache = cache
+    fused = jax.jit(lambda *args: pk.fused_decode(model, *args))  # interpreted kernels: trace once
+    V = CONFIG.vocab_size
+    for pos in range(prompt, prompt + 8):
+        token = jnp.asarray(tokens[:, pos])
+        expected, ref_cache = model.decode(token[:, None], ref_cache, pos)
+        logits, cache = fused(weights, token, cache, jnp.int32(pos))
+        close(np.asarray(logits)[:, :V], np.asarray(expected[:, 0, :V], np.float32), 8 * BF16)
+        assert np.array_equal(np.argmax(logits, -1), np.argmax(np.asarray(expected[:, 0], np.float32), -1))
+        tokens[:, pos + 1] = np.argmax(logits, -1)  # feed the greedy token back
+    assert np.isneginf(np.asarray(logits)[:, V:]).all()
+    for layer, ref_layer in zip(cache, ref_cache):
+        for a, ref in zip(layer, ref_layer):  # keys, values
+            close(
+                np.asarray(a[:, : prompt + 8], np.float32),
+                np.asarray(ref[:, : prompt + 8], np.float32),
+                4 * BF16,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# generate() with the kernels: the same greedy tokens as without them
+
+
+PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7], [9]]  # different lengths: rows inside their prompts
+
+
+def test_torch_generate_fused_gives_the_plain_greedy_tokens(tk):
+    from babygpt_torch.generate import generate
+
+    model = torch_model()
+    plain = generate(model, PROMPTS, 8, temperature=0.0, fused=False)
+    fused = generate(model, PROMPTS, 8, temperature=0.0, fused=True)
+    assert fused == plain
+    with torch.no_grad():  # weights changed after a call (training) are taken again by the next one
+        model.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
+    assert generate(model, PROMPTS, 8, temperature=0.0, fused=True) == generate(
+        model, PROMPTS, 8, temperature=0.0, fused=False
+    )
+
+
+def test_jax_generate_fused_gives_the_plain_greedy_tokens(pk):
+    from babygpt_jax.generate import generate
+
+    model = jax_model()
+    plain = generate(model, PROMPTS, 8, temperature=0.0, fused=False)
+    assert generate(model, PROMPTS, 8, temperature=0.0, fused=True) == plain
+    streamed = []  # the per-token path (a callback) takes the kernels too
+    fused = generate(model, PROMPTS, 8, temperature=0.0, fused=True, on_token=lambda r, t: streamed.append(t))
+    assert fused == plain and len(streamed) == sum(map(len, plain))

@@ -1,0 +1,248 @@
+"""Fused decode kernels in Pallas: one token per row through GPT-2 in 5 kernels a layer, not ~20.
+
+Decoding a token at batch 1 to 32 is latency-bound: each of the ~250 kernels XLA makes of
+`model.decode` per token takes ~3 us whatever it reads (docs/performance.md). Here a layer is
+five kernels:
+
+    ln_linear        LayerNorm, then the QKV matmul and its bias          (B, C) -> (B, 3C)
+    decode_attention the new key and value into the cache, attention      (B, 3C) -> (B, C)
+    linear_residual  the output projection and its bias, into the residual stream
+    ln_linear        LayerNorm, then the MLP's first matmul, bias and GELU (B, C) -> (B, 4C)
+    linear_residual  the MLP's second matmul and bias, into the residual stream
+
+plus the embedding (left to XLA, which fuses it into one kernel) and `ln_linear` with the tied
+table as the head. Each kernel computes the same expression as the module it replaces in
+bfloat16: LayerNorm and the residual stream in float32, bfloat16 matmul inputs and outputs
+accumulated in float32 (tested against those expressions in tests/test_kernels.py). The mirror of
+`babygpt_torch/kernels.py` (Triton): the same kernels, the same blocks; Pallas lowers them to
+Triton on a GPU. Not a lesson file: `babygpt_jax/generate.py` uses `fused_decode` on a GPU and
+`model.decode` everywhere else.
+
+Without a GPU the kernels run in Pallas' interpret mode, which is how the tests check them on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
+_BF16, _F32 = jnp.bfloat16, jnp.float32
+
+
+def supported(config) -> bool:
+    """Whether these kernels fit a model: widths in whole K blocks, a power-of-two head size."""
+    hs = config.head_dim
+    return config.bias and config.n_embd % BLOCK_K == 0 and hs >= 16 and hs & (hs - 1) == 0
+
+
+def block_rows(batch_size: int) -> int:
+    """Rows every kernel computes: the batch rounded up to a tensor-core tile (16) or power of two."""
+    return max(16, pl.next_power_of_2(batch_size))
+
+
+def _call(kernel, **kwargs):
+    """pl.pallas_call, compiled to Triton on a GPU and interpreted elsewhere."""
+    gpu = jax.default_backend() == "gpu"
+    params = plgpu.CompilerParams(num_warps=4, num_stages=3) if gpu else None
+    return pl.pallas_call(kernel, interpret=not gpu, compiler_params=params, **kwargs)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
+
+
+def _k_block(k):
+    return pl.ds(pl.multiple_of(k * BLOCK_K, BLOCK_K), BLOCK_K)
+
+
+def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
+    """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
+    *bias_ref, out_ref = refs
+    (BM, K), BN = x_ref.shape, w_ref.shape[0]
+    x_at = lambda k: x_ref[:, _k_block(k)].astype(_F32)  # (BM, BK)
+    # LayerNorm statistics of every row, recomputed by each program: x is (BM, K), a few KB.
+    mean = lax.fori_loop(0, K // BLOCK_K, lambda k, t: t + x_at(k).sum(axis=1), jnp.zeros(BM, _F32)) / K
+    centred = lambda k: x_at(k) - mean[:, None]
+    var = lax.fori_loop(0, K // BLOCK_K, lambda k, t: t + (centred(k) ** 2).sum(axis=1), jnp.zeros(BM, _F32))
+    rstd = lax.rsqrt(var / K + eps)
+
+    def body(k, acc):
+        ks = _k_block(k)
+        x = centred(k) * rstd[:, None] * g_ref[ks].astype(_F32)[None, :] + b_ref[ks].astype(_F32)[None, :]
+        return acc + pl.dot(x.astype(_BF16), w_ref[:, ks], trans_b=True)  # w is (BN, K): rows of (N, K)
+
+    acc = lax.fori_loop(0, K // BLOCK_K, body, jnp.zeros((BM, BN), _F32))
+    if bias_ref:
+        acc += bias_ref[0][...].astype(_BF16).astype(_F32)[None, :]
+    out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
+    if gelu:
+        out = _gelu_tanh(out).astype(_BF16).astype(_F32)
+    if valid_n is not None:  # the head: padded vocabulary entries get no probability
+        cols = pl.program_id(0) * BN + jnp.arange(BN)
+        out = jnp.where(cols[None, :] < valid_n, out, -jnp.inf)
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref):
+    """x[:, n-block] + h @ w[n-block].T + bias, written over x (aliased): each program reads and writes only its columns."""
+    BM, K = h_ref.shape
+
+    def body(k, acc):
+        ks = _k_block(k)
+        return acc + pl.dot(h_ref[:, ks], w_ref[:, ks], trans_b=True)
+
+    acc = lax.fori_loop(0, K // BLOCK_K, body, jnp.zeros((BM, w_ref.shape[0]), _F32))
+    acc += bias_ref[...].astype(_BF16).astype(_F32)[None, :]
+    out_ref[...] = x_ref[...] + acc.astype(_BF16).astype(_F32)
+
+
+def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out, *, rows, block_s):
+    """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
+
+    The cache is (B, S, nh, hs), aliased: read through k_ref, written through k_out, one buffer on
+    a GPU. Slot pos is read from registers, not from the cache just written. A Pallas output is
+    new each call, so rows past the batch (the tile's padding) are written too: zeros, and no cache.
+    """
+    row, head = pl.program_id(0), pl.program_id(1)
+    HS = k_ref.shape[3]
+    C = HS * k_ref.shape[2]
+    real = row < rows
+    pos = pos_ref[()]
+    at = lambda part: qkv_ref[row, pl.ds(part * C + head * HS, HS)]
+    q, k_new, v_new = at(0).astype(_F32), at(1), at(2)
+    slot = jnp.minimum(row, rows - 1)  # padded rows read a real row's cache, and write nothing
+
+    @pl.when(real)
+    def _():
+        k_out[slot, pos, head, :] = k_new
+        v_out[slot, pos, head, :] = v_new
+
+    def body(s, carry):  # online softmax: running max, normaliser and weighted sum
+        m, norm, acc = carry
+        slots = s * block_s + jnp.arange(block_s)
+        seen = jnp.broadcast_to((slots < pos)[:, None], (block_s, HS))
+        block = pl.ds(pl.multiple_of(s * block_s, block_s), block_s)
+        k = jnp.where(seen, plgpu.load(k_ref.at[slot, block, head, :], mask=seen, other=0.0), k_new[None, :])
+        v = jnp.where(seen, plgpu.load(v_ref.at[slot, block, head, :], mask=seen, other=0.0), v_new[None, :])
+        scores = (q[None, :] * k.astype(_F32)).sum(axis=1) * HS**-0.5  # (BS,)
+        scores = jnp.where(slots <= pos, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max())
+        p = jnp.exp(scores - m_new)
+        correction = jnp.exp(m - m_new)
+        return (
+            m_new,
+            norm * correction + p.sum(),
+            acc * correction + (p[:, None] * v.astype(_F32)).sum(axis=0),
+        )
+
+    blocks = jnp.where(real, pos // block_s + 1, 0)  # the blocks up to pos (none for a padded row)
+    start = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros(HS, _F32))
+    _, norm, acc = lax.fori_loop(0, blocks, body, start)
+    y_ref[row, pl.ds(head * HS, HS)] = jnp.where(real, acc / norm, 0.0).astype(y_ref.dtype)
+
+
+def ln_linear(
+    x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=None, block_n=32, out_dtype=_BF16
+):
+    """act(LayerNorm(x) @ weight.T + bias): x (BM, K) float32, weight (N, K) bfloat16 -> (BM, N)."""
+    BM, K = x.shape
+    N = weight.shape[0]
+    whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
+    in_specs = [whole(BM, K), whole(K), whole(K), pl.BlockSpec((block_n, K), lambda j: (j, 0))]
+    args = [x, ln_scale, ln_bias, weight]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((block_n,), lambda j: (j,)))
+        args.append(bias)
+    valid_n = valid_n if valid_n is not None and valid_n < N else None
+    kernel = functools.partial(_ln_linear_kernel, eps=eps, gelu=gelu, valid_n=valid_n)
+    return _call(
+        kernel,
+        grid=(N // block_n,),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((BM, block_n), lambda j: (0, j)),
+        out_shape=jax.ShapeDtypeStruct((BM, N), out_dtype),
+    )(*args)
+
+
+def linear_residual(h, weight, bias, x, *, block_n=16):
+    """x + h @ weight.T + bias, in x's buffer: h (BM, K) bfloat16, weight (N, K), x (BM, N) float32."""
+    BM, K = h.shape
+    N = weight.shape[0]
+    columns = pl.BlockSpec((BM, block_n), lambda j: (0, j))
+    return _call(
+        _linear_residual_kernel,
+        grid=(N // block_n,),
+        in_specs=[
+            pl.BlockSpec((BM, K), lambda j: (0, 0)),
+            pl.BlockSpec((block_n, K), lambda j: (j, 0)),
+            pl.BlockSpec((block_n,), lambda j: (j,)),
+            columns,
+        ],
+        out_specs=columns,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        input_output_aliases={3: 0},
+    )(h, weight, bias, x)
+
+
+def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
+    """(y (BM, C), k_cache, v_cache): attention for qkv (BM, 3C) over the (B, S, nh, hs) cache,
+    which gains this position's keys and values (in place: the caches are aliased)."""
+    BM = qkv.shape[0]
+    _, _, n_head, hs = k_cache.shape
+    kernel = functools.partial(_decode_attention_kernel, rows=rows, block_s=64)
+    return _call(
+        kernel,
+        grid=(BM, n_head),
+        out_shape=(
+            jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        ),
+        input_output_aliases={2: 1, 3: 2},
+    )(qkv, pos, k_cache, v_cache)
+
+
+def decode_weights(model) -> dict:
+    """bfloat16 copies of every matrix as (out, in), the layout the kernels read (torch's)."""
+    h = model.transformer
+    weights = {"head": h.wte.embedding[...].astype(_BF16)}  # the tied table, (V, C) already
+    for i, block in enumerate(h.h):
+        for name, dense in (
+            ("c_attn", block.attn.c_attn),
+            ("attn_proj", block.attn.c_proj),
+            ("c_fc", block.mlp.c_fc),
+            ("mlp_proj", block.mlp.c_proj),
+        ):
+            weights[f"{i}.{name}"] = dense.kernel[...].T.astype(_BF16)
+    return weights
+
+
+def fused_decode(model, weights: dict, token, kv_cache, pos):
+    """`model.decode(token[:, None], kv_cache, pos)` in the kernels above: (B, V) float32 logits
+    for one token per row (B,) at position pos, and the cache extended by it."""
+    c, h = model.config, model.transformer
+    B = token.shape[0]
+    BM = block_rows(B)
+    x = h.wte.embedding[...][token].astype(_F32) + h.wpe.embedding[...][pos].astype(_F32)  # (B, C)
+    x = jnp.pad(x, ((0, BM - B), (0, 0)))  # (BM, C): padded rows, computed alongside and dropped
+    ln = lambda norm: (norm.scale[...], norm.bias[...])
+    eps = c.layer_norm_epsilon
+    new_cache = []
+    for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, kv_cache)):
+        attn, mlp = block.attn, block.mlp
+        qkv = ln_linear(x, *ln(block.ln_1), weights[f"{i}.c_attn"], attn.c_attn.bias[...], eps=eps)
+        y, k_cache, v_cache = decode_attention(qkv, k_cache, v_cache, pos, B)
+        x = linear_residual(y, weights[f"{i}.attn_proj"], attn.c_proj.bias[...], x)
+        hidden = ln_linear(x, *ln(block.ln_2), weights[f"{i}.c_fc"], mlp.c_fc.bias[...], eps=eps, gelu=True)
+        x = linear_residual(hidden, weights[f"{i}.mlp_proj"], mlp.c_proj.bias[...], x)
+        new_cache.append((k_cache, v_cache))
+    logits = ln_linear(
+        x, *ln(h.ln_f), weights["head"], None, eps=eps, valid_n=c.vocab_size, block_n=64, out_dtype=_F32
+    )
+    return logits[:B], new_cache
