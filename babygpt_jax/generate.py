@@ -186,7 +186,9 @@ def generate(
             collector.add(pos, padded[:B, pos].tolist())
             if collector.finished or pos == cached_last:
                 break
-            cache, token = step(state, weights, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings)
+            cache, token = step(
+                state, weights, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings
+            )
 
     # Past the context every row samples (prompts fit it), one full forward over its window each.
     for pos in range(cached_last + 1, last + 1):

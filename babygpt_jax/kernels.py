@@ -46,10 +46,15 @@ def block_rows(batch_size: int) -> int:
     return max(16, pl.next_power_of_2(batch_size))
 
 
-def _call(kernel, **kwargs):
+def block_k(K: int) -> int:
+    """The widest K block (up to 256) that divides K: fewer, larger weight loads in flight."""
+    return next(b for b in (256, 128, BLOCK_K) if K % b == 0)
+
+
+def _call(kernel, num_stages=3, **kwargs):
     """pl.pallas_call, compiled to Triton on a GPU and interpreted elsewhere."""
     gpu = jax.default_backend() == "gpu"
-    params = plgpu.CompilerParams(num_warps=4, num_stages=3) if gpu else None
+    params = plgpu.CompilerParams(num_warps=4, num_stages=num_stages) if gpu else None
     return pl.pallas_call(kernel, interpret=not gpu, compiler_params=params, **kwargs)
 
 
@@ -57,28 +62,38 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
 
 
-def _k_block(k):
-    return pl.ds(pl.multiple_of(k * BLOCK_K, BLOCK_K), BLOCK_K)
+def _dot_t(a, b):
+    """a @ b.T in float32: b is (BN, BK), rows of an (N, K) weight."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
 
-def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
+def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, rows, gelu, valid_n, bk):
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
     *bias_ref, out_ref = refs
     (BM, K), BN = x_ref.shape, w_ref.shape[0]
-    x_at = lambda k: x_ref[:, _k_block(k)].astype(_F32)  # (BM, BK)
-    # LayerNorm statistics of every row, recomputed by each program: x is (BM, K), a few KB.
-    mean = lax.fori_loop(0, K // BLOCK_K, lambda k, t: t + x_at(k).sum(axis=1), jnp.zeros(BM, _F32)) / K
-    centred = lambda k: x_at(k) - mean[:, None]
-    var = lax.fori_loop(0, K // BLOCK_K, lambda k, t: t + (centred(k) ** 2).sum(axis=1), jnp.zeros(BM, _F32))
-    rstd = lax.rsqrt(var / K + eps)
+    real = (jnp.arange(BM) < rows)[:, None]  # padded rows are neither read nor written: no memory traffic
+    k_block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
+    x_mask = jnp.broadcast_to(real, (BM, bk))
+    x_at = lambda k: plgpu.load(x_ref.at[:, k_block(k)], mask=x_mask, other=0.0).astype(_F32)  # (BM, BK)
+
+    # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
+    def stats(k, carry):
+        x = x_at(k)
+        return carry[0] + x.sum(axis=1), carry[1] + (x * x).sum(axis=1)
+
+    total, squares = lax.fori_loop(0, K // bk, stats, (jnp.zeros(BM, _F32), jnp.zeros(BM, _F32)))
+    mean = total / K
+    rstd = lax.rsqrt(squares / K - mean * mean + eps)
 
     def body(k, acc):
-        ks = _k_block(k)
-        x = centred(k) * rstd[:, None] * g_ref[ks].astype(_F32)[None, :] + b_ref[ks].astype(_F32)[None, :]
-        return acc + pl.dot(x.astype(_BF16), w_ref[:, ks], trans_b=True)  # w is (BN, K): rows of (N, K)
+        ks = k_block(k)
+        x = (x_at(k) - mean[:, None]) * rstd[:, None] * g_ref[ks].astype(_F32)[None, :] + b_ref[ks].astype(
+            _F32
+        )[None, :]
+        return acc + _dot_t(x.astype(_BF16), w_ref[:, ks])
 
-    acc = lax.fori_loop(0, K // BLOCK_K, body, jnp.zeros((BM, BN), _F32))
-    if bias_ref:
+    acc = lax.fori_loop(0, K // bk, body, jnp.zeros((BM, BN), _F32))
+    if bias_ref:  # the bias added in bfloat16, as torch's autocast does
         acc += bias_ref[0][...].astype(_BF16).astype(_F32)[None, :]
     out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
     if gelu:
@@ -86,50 +101,51 @@ def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
     if valid_n is not None:  # the head: padded vocabulary entries get no probability
         cols = pl.program_id(0) * BN + jnp.arange(BN)
         out = jnp.where(cols[None, :] < valid_n, out, -jnp.inf)
-    out_ref[...] = out.astype(out_ref.dtype)
+    plgpu.store(out_ref, out.astype(out_ref.dtype), mask=jnp.broadcast_to(real, (BM, BN)))
 
 
-def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref):
-    """x[:, n-block] + h @ w[n-block].T + bias, written over x (aliased): each program reads and writes only its columns."""
+def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref, *, rows, bk):
+    """x[:, n-block] + h @ w[n-block].T + bias, written over x (aliased): each program reads and
+    writes only its columns."""
     BM, K = h_ref.shape
+    BN = w_ref.shape[0]
+    real = (jnp.arange(BM) < rows)[:, None]
 
     def body(k, acc):
-        ks = _k_block(k)
-        return acc + pl.dot(h_ref[:, ks], w_ref[:, ks], trans_b=True)
+        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+        h = plgpu.load(h_ref.at[:, ks], mask=jnp.broadcast_to(real, (BM, bk)), other=0.0)
+        return acc + _dot_t(h, w_ref[:, ks])
 
-    acc = lax.fori_loop(0, K // BLOCK_K, body, jnp.zeros((BM, w_ref.shape[0]), _F32))
+    acc = lax.fori_loop(0, K // bk, body, jnp.zeros((BM, BN), _F32))
     acc += bias_ref[...].astype(_BF16).astype(_F32)[None, :]
-    out_ref[...] = x_ref[...] + acc.astype(_BF16).astype(_F32)
+    mask = jnp.broadcast_to(real, (BM, BN))
+    x = plgpu.load(x_ref, mask=mask, other=0.0)
+    plgpu.store(out_ref, x + acc.astype(_BF16).astype(_F32), mask=mask)
 
 
-def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out, *, rows, block_s):
+def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out, *, block_s):
     """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
 
     The cache is (B, S, nh, hs), aliased: read through k_ref, written through k_out, one buffer on
-    a GPU. Slot pos is read from registers, not from the cache just written. A Pallas output is
-    new each call, so rows past the batch (the tile's padding) are written too: zeros, and no cache.
+    a GPU. Slot pos is read from registers, not from the cache just written. Launched for the
+    batch's rows only: no kernel reads the padded rows of y.
     """
     row, head = pl.program_id(0), pl.program_id(1)
     HS = k_ref.shape[3]
     C = HS * k_ref.shape[2]
-    real = row < rows
     pos = pos_ref[()]
     at = lambda part: qkv_ref[row, pl.ds(part * C + head * HS, HS)]
     q, k_new, v_new = at(0).astype(_F32), at(1), at(2)
-    slot = jnp.minimum(row, rows - 1)  # padded rows read a real row's cache, and write nothing
-
-    @pl.when(real)
-    def _():
-        k_out[slot, pos, head, :] = k_new
-        v_out[slot, pos, head, :] = v_new
+    k_out[row, pos, head, :] = k_new
+    v_out[row, pos, head, :] = v_new
 
     def body(s, carry):  # online softmax: running max, normaliser and weighted sum
         m, norm, acc = carry
         slots = s * block_s + jnp.arange(block_s)
         seen = jnp.broadcast_to((slots < pos)[:, None], (block_s, HS))
         block = pl.ds(pl.multiple_of(s * block_s, block_s), block_s)
-        k = jnp.where(seen, plgpu.load(k_ref.at[slot, block, head, :], mask=seen, other=0.0), k_new[None, :])
-        v = jnp.where(seen, plgpu.load(v_ref.at[slot, block, head, :], mask=seen, other=0.0), v_new[None, :])
+        k = jnp.where(seen, plgpu.load(k_ref.at[row, block, head, :], mask=seen, other=0.0), k_new[None, :])
+        v = jnp.where(seen, plgpu.load(v_ref.at[row, block, head, :], mask=seen, other=0.0), v_new[None, :])
         scores = (q[None, :] * k.astype(_F32)).sum(axis=1) * HS**-0.5  # (BS,)
         scores = jnp.where(slots <= pos, scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max())
@@ -141,16 +157,16 @@ def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out
             acc * correction + (p[:, None] * v.astype(_F32)).sum(axis=0),
         )
 
-    blocks = jnp.where(real, pos // block_s + 1, 0)  # the blocks up to pos (none for a padded row)
     start = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros(HS, _F32))
-    _, norm, acc = lax.fori_loop(0, blocks, body, start)
-    y_ref[row, pl.ds(head * HS, HS)] = jnp.where(real, acc / norm, 0.0).astype(y_ref.dtype)
+    _, norm, acc = lax.fori_loop(0, pos // block_s + 1, body, start)  # the blocks up to pos
+    y_ref[row, pl.ds(head * HS, HS)] = (acc / norm).astype(y_ref.dtype)
 
 
 def ln_linear(
-    x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=None, block_n=32, out_dtype=_BF16
+    x, ln_scale, ln_bias, weight, bias, rows, *, eps, gelu=False, valid_n=None, block_n=16, out_dtype=_BF16
 ):
-    """act(LayerNorm(x) @ weight.T + bias): x (BM, K) float32, weight (N, K) bfloat16 -> (BM, N)."""
+    """act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32, weight
+    (N, K) bfloat16 -> (BM, N)."""
     BM, K = x.shape
     N = weight.shape[0]
     whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
@@ -160,7 +176,9 @@ def ln_linear(
         in_specs.append(pl.BlockSpec((block_n,), lambda j: (j,)))
         args.append(bias)
     valid_n = valid_n if valid_n is not None and valid_n < N else None
-    kernel = functools.partial(_ln_linear_kernel, eps=eps, gelu=gelu, valid_n=valid_n)
+    kernel = functools.partial(
+        _ln_linear_kernel, eps=eps, rows=rows, gelu=gelu, valid_n=valid_n, bk=block_k(K)
+    )
     return _call(
         kernel,
         grid=(N // block_n,),
@@ -170,13 +188,15 @@ def ln_linear(
     )(*args)
 
 
-def linear_residual(h, weight, bias, x, *, block_n=16):
-    """x + h @ weight.T + bias, in x's buffer: h (BM, K) bfloat16, weight (N, K), x (BM, N) float32."""
+def linear_residual(h, weight, bias, x, rows, *, block_n=16):
+    """x + h @ weight.T + bias for the first `rows` rows, in x's buffer: h (BM, K) bfloat16,
+    weight (N, K), x (BM, N) float32."""
     BM, K = h.shape
     N = weight.shape[0]
     columns = pl.BlockSpec((BM, block_n), lambda j: (0, j))
     return _call(
-        _linear_residual_kernel,
+        functools.partial(_linear_residual_kernel, rows=rows, bk=block_k(K)),
+        num_stages=4,
         grid=(N // block_n,),
         in_specs=[
             pl.BlockSpec((BM, K), lambda j: (0, 0)),
@@ -195,10 +215,9 @@ def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
     which gains this position's keys and values (in place: the caches are aliased)."""
     BM = qkv.shape[0]
     _, _, n_head, hs = k_cache.shape
-    kernel = functools.partial(_decode_attention_kernel, rows=rows, block_s=64)
     return _call(
-        kernel,
-        grid=(BM, n_head),
+        functools.partial(_decode_attention_kernel, block_s=64),
+        grid=(rows, n_head),
         out_shape=(
             jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -230,19 +249,21 @@ def fused_decode(model, weights: dict, token, kv_cache, pos):
     B = token.shape[0]
     BM = block_rows(B)
     x = h.wte.embedding[...][token].astype(_F32) + h.wpe.embedding[...][pos].astype(_F32)  # (B, C)
-    x = jnp.pad(x, ((0, BM - B), (0, 0)))  # (BM, C): padded rows, computed alongside and dropped
+    x = jnp.pad(x, ((0, BM - B), (0, 0)))  # (BM, C): the kernels' row tile; padded rows are never read
     ln = lambda norm: (norm.scale[...], norm.bias[...])
     eps = c.layer_norm_epsilon
     new_cache = []
     for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, kv_cache)):
         attn, mlp = block.attn, block.mlp
-        qkv = ln_linear(x, *ln(block.ln_1), weights[f"{i}.c_attn"], attn.c_attn.bias[...], eps=eps)
+        qkv = ln_linear(x, *ln(block.ln_1), weights[f"{i}.c_attn"], attn.c_attn.bias[...], B, eps=eps)
         y, k_cache, v_cache = decode_attention(qkv, k_cache, v_cache, pos, B)
-        x = linear_residual(y, weights[f"{i}.attn_proj"], attn.c_proj.bias[...], x)
-        hidden = ln_linear(x, *ln(block.ln_2), weights[f"{i}.c_fc"], mlp.c_fc.bias[...], eps=eps, gelu=True)
-        x = linear_residual(hidden, weights[f"{i}.mlp_proj"], mlp.c_proj.bias[...], x)
+        x = linear_residual(y, weights[f"{i}.attn_proj"], attn.c_proj.bias[...], x, B)
+        hidden = ln_linear(
+            x, *ln(block.ln_2), weights[f"{i}.c_fc"], mlp.c_fc.bias[...], B, eps=eps, gelu=True
+        )
+        x = linear_residual(hidden, weights[f"{i}.mlp_proj"], mlp.c_proj.bias[...], x, B)
         new_cache.append((k_cache, v_cache))
     logits = ln_linear(
-        x, *ln(h.ln_f), weights["head"], None, eps=eps, valid_n=c.vocab_size, block_n=64, out_dtype=_F32
+        x, *ln(h.ln_f), weights["head"], None, B, eps=eps, valid_n=c.vocab_size, block_n=64, out_dtype=_F32
     )
     return logits[:B], new_cache

@@ -48,7 +48,8 @@ def supported(config) -> bool:
 
 
 def block_rows(batch_size: int) -> int:
-    """Rows every kernel computes: the batch rounded up to a tensor-core tile (16) or power of two."""
+    """Rows every buffer holds: the batch rounded up to a tensor-core tile (16) or a power of two.
+    The padded rows are computed in registers but never read from or written to memory."""
     return max(16, triton.next_power_of_2(batch_size))
 
 
@@ -60,27 +61,26 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _ln_linear_kernel(
-    x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps,
+    x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps, rows,
     K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
-    rows = tl.arange(0, BM)
+    r = tl.arange(0, BM)
+    real = (r < rows)[:, None]  # padded rows are neither read nor written: no memory traffic
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    # LayerNorm statistics of every row, recomputed by each program: x is (BM, K), a few KB.
-    total = tl.zeros((BM,), tl.float32)
+    # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
+    total, squares = tl.zeros((BM,), tl.float32), tl.zeros((BM,), tl.float32)
     for k0 in range(0, K, BK):
-        total += tl.sum(tl.load(x_ptr + rows[:, None] * K + k0 + tl.arange(0, BK)[None, :]), axis=1)
+        x = tl.load(x_ptr + r[:, None] * K + k0 + tl.arange(0, BK)[None, :], mask=real, other=0.0)
+        total += tl.sum(x, axis=1)
+        squares += tl.sum(x * x, axis=1)
     mean = total / K
-    total = tl.zeros((BM,), tl.float32)
-    for k0 in range(0, K, BK):
-        x = tl.load(x_ptr + rows[:, None] * K + k0 + tl.arange(0, BK)[None, :]) - mean[:, None]
-        total += tl.sum(x * x, axis=1)
-    rstd = 1.0 / tl.sqrt(total / K + eps)
+    rstd = 1.0 / tl.sqrt(squares / K - mean * mean + eps)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :])
+        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real, other=0.0)
         x = (x - mean[:, None]) * rstd[:, None] * tl.load(g_ptr + ks)[None, :] + tl.load(b_ptr + ks)[None, :]
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])  # (BN, BK): rows of an (N, K) weight
         acc += tl.dot(x.to(tl.bfloat16).to(DOT), tl.trans(w.to(DOT)))
@@ -91,27 +91,28 @@ def _ln_linear_kernel(
         out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
     if VALID_N < N:  # the head: padded vocabulary entries get no probability
         out = tl.where(cols[None, :] < VALID_N, out, float("-inf"))
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + r[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=real)
 
 
 @triton.jit
 def _linear_residual_kernel(
-    h_ptr, w_ptr, bias_ptr, x_ptr,
+    h_ptr, w_ptr, bias_ptr, x_ptr, rows,
     K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     DOT: tl.constexpr,
 ):  # fmt: skip
     """x[:, n-block] += h @ w[n-block].T + bias, in place: each program reads and writes only its columns."""
-    rows = tl.arange(0, BM)
+    r = tl.arange(0, BM)
+    real = (r < rows)[:, None]
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        h = tl.load(h_ptr + rows[:, None] * K + ks[None, :])
+        h = tl.load(h_ptr + r[:, None] * K + ks[None, :], mask=real, other=0.0)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
         acc += tl.dot(h.to(DOT), tl.trans(w.to(DOT)))
     acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
-    x = x_ptr + rows[:, None] * N + cols[None, :]
-    tl.store(x, tl.load(x) + acc.to(tl.bfloat16).to(tl.float32))
+    x = x_ptr + r[:, None] * N + cols[None, :]
+    tl.store(x, tl.load(x, mask=real) + acc.to(tl.bfloat16).to(tl.float32), mask=real)
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def _decode_attention_kernel(
     """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
 
     The cache is (B, nh, S, hs). Slot pos is read from registers, not from the cache just written.
-    Launched for the batch's rows only: the padded rows of y keep the zeros they were made with.
+    Launched for the batch's rows only: no kernel reads the padded rows.
     """
     row, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HS)
@@ -157,36 +158,42 @@ def _decode_attention_kernel(
 
 
 @triton.jit
-def _embed_kernel(
-    tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, rows, stride, C: tl.constexpr, BK: tl.constexpr
-):
-    """x[row] = wte[tokens[row, pos]] + wpe[pos]; rows past the batch get zeros."""
+def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.constexpr, BK: tl.constexpr):
+    """x[row] = wte[tokens[row, pos]] + wpe[pos]."""
     row = tl.program_id(0)
-    real = row < rows
     pos = tl.load(pos_ptr)
-    token = tl.load(tokens_ptr + row * stride + pos, mask=real, other=0)
+    token = tl.load(tokens_ptr + row * stride + pos)
     for k0 in range(0, C, BK):
         d = k0 + tl.arange(0, BK)
-        x = tl.load(wte_ptr + token * C + d) + tl.load(wpe_ptr + pos * C + d)
-        tl.store(x_ptr + row * C + d, tl.where(real, x, 0.0))
+        tl.store(x_ptr + row * C + d, tl.load(wte_ptr + token * C + d) + tl.load(wpe_ptr + pos * C + d))
 
 
-def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None, block_n=32) -> torch.Tensor:
-    """out = act(LayerNorm(x) @ weight.T + bias): x (BM, K) float32, weight (N, K) bfloat16."""
+def block_k(K: int) -> int:
+    """The widest K block (up to 256) that divides K: fewer, larger weight loads in flight."""
+    return next(b for b in (256, 128, BLOCK_K) if K % b == 0)
+
+
+def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, block_n=16) -> torch.Tensor:
+    """out = act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32,
+    weight (N, K) bfloat16, out (BM, N)."""
     BM, K = x.shape
     N = weight.shape[0]
     _ln_linear_kernel[(N // block_n,)](
-        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps,
-        K, N, BM, block_n, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
+        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, rows,
+        K, N, BM, block_n, block_k(K), bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
+        num_warps=4, num_stages=3,
     )  # fmt: skip
     return out
 
 
-def linear_residual(h, weight, bias, x, *, block_n=16) -> torch.Tensor:
-    """x += h @ weight.T + bias, in place: h (BM, K) bfloat16, weight (N, K), x (BM, N) float32."""
+def linear_residual(h, weight, bias, x, rows: int, *, block_n=16) -> torch.Tensor:
+    """x += h @ weight.T + bias for the first `rows` rows, in place: h (BM, K) bfloat16, weight (N, K),
+    x (BM, N) float32."""
     BM, K = h.shape
     N = weight.shape[0]
-    _linear_residual_kernel[(N // block_n,)](h, weight, bias, x, K, N, BM, block_n, BLOCK_K, _DOT)
+    _linear_residual_kernel[(N // block_n,)](
+        h, weight, bias, x, rows, K, N, BM, block_n, block_k(K), _DOT, num_warps=4, num_stages=4
+    )
     return x
 
 
@@ -200,7 +207,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, rows: int) -> torch.Tensor:
 
 def embed(tokens, pos, wte, wpe, x, rows: int) -> torch.Tensor:
     """x (BM, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
-    _embed_kernel[(x.shape[0],)](tokens, pos, wte, wpe, x, rows, tokens.stride(0), x.shape[1], BLOCK_K)
+    _embed_kernel[(rows,)](tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K)
     return x
 
 
@@ -234,13 +241,14 @@ class FusedDecoder:
         x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x, self.rows)  # float32 tables, as in decode
         for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
             p = f"transformer.h.{i}."
-            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv)
-            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.rows)
-            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x)
-            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, gelu=True)
-            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x)
+            B = self.rows
+            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv, B)
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, B)
+            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x, B)
+            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, B, gelu=True)
+            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x, B)
         head = w["transformer.wte.weight"]  # the tied table
-        ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size, block_n=64)
+        ln_linear(x, h.ln_f, head, None, self.out, self.rows, valid_n=c.vocab_size, block_n=64)
         return self.out[: self.rows]
 
 

@@ -71,22 +71,24 @@ def close(actual, expected, rel):
 @pytest.mark.parametrize("gelu", [False, True])
 def test_triton_ln_linear_is_layernorm_then_linear(tk, gelu):
     torch.manual_seed(0)
-    BM, K, N = 16, 128, 192
+    BM, B, K, N = 16, 5, 128, 192
     x = 3 * torch.randn(BM, K) + 1
     ln = torch.nn.LayerNorm(K)
     with torch.no_grad():
         ln.weight.add_(torch.randn(K) * 0.1), ln.bias.add_(torch.randn(K) * 0.1)
     weight, bias = torch.randn(N, K).bfloat16() * 0.05, torch.randn(N)
-    out = tk.ln_linear(x, ln, weight, bias, torch.empty(BM, N, dtype=torch.bfloat16), gelu=gelu)
-    expected = autocast_linear(ln(x), weight, bias)
+    x[B:] = float("nan")  # padded rows: never read
+    out = tk.ln_linear(x, ln, weight, bias, torch.full((BM, N), 7.0, dtype=torch.bfloat16), B, gelu=gelu)
+    expected = autocast_linear(ln(x[:B]), weight, bias)
     expected = bf16(F.gelu(expected, approximate="tanh")) if gelu else expected
-    close(out.float(), expected.detach(), 4 * BF16)
+    close(out[:B].float(), expected.detach(), 4 * BF16)
+    assert (out[B:] == 7).all()  # and never written
 
 
 def test_triton_ln_linear_masks_the_padded_vocabulary(tk):
     torch.manual_seed(0)
     x, ln, weight = torch.randn(16, 64), torch.nn.LayerNorm(64), torch.randn(128, 64).bfloat16()
-    out = tk.ln_linear(x, ln, weight, None, torch.empty(16, 128), valid_n=100, block_n=64)
+    out = tk.ln_linear(x, ln, weight, None, torch.empty(16, 128), 16, valid_n=100, block_n=64)
     assert torch.isinf(out[:, 100:]).all() and (out[:, 100:] < 0).all()
     close(out[:, :100], autocast_linear(ln(x), weight[:100]), 4 * BF16)
 
@@ -95,10 +97,13 @@ def test_triton_linear_residual_adds_in_place(tk):
     torch.manual_seed(0)
     h, weight, bias = torch.randn(16, 256).bfloat16(), torch.randn(64, 256).bfloat16() * 0.05, torch.randn(64)
     x = torch.randn(16, 64)
-    expected = x + autocast_linear(h, weight, bias)
-    out = tk.linear_residual(h, weight, bias, x)
+    h[3:] = float("nan")  # padded rows: never read
+    expected = x[:3] + autocast_linear(h[:3], weight, bias)
+    before = x.clone()
+    out = tk.linear_residual(h, weight, bias, x, 3)
     assert out.data_ptr() == x.data_ptr()
-    close(x, expected, 4 * BF16)
+    close(x[:3], expected, 4 * BF16)
+    assert torch.equal(x[3:], before[3:])
 
 
 @pytest.mark.parametrize("pos", [0, 5, 64, 130])
@@ -126,7 +131,7 @@ def test_triton_embed_reads_each_rows_token_at_pos(tk):
     wte, wpe = torch.randn(50, 128), torch.randn(20, 128)
     tokens = torch.randint(0, 50, (3, 21))
     x = tk.embed(tokens, torch.tensor([7]), wte, wpe, torch.full((16, 128), 5.0), rows=3)
-    assert torch.equal(x[:3], wte[tokens[:, 7]] + wpe[7]) and (x[3:] == 0).all()
+    assert torch.equal(x[:3], wte[tokens[:, 7]] + wpe[7]) and (x[3:] == 5).all()
 
 
 def test_triton_fused_decoder_follows_model_decode(tk):
@@ -190,16 +195,17 @@ def test_pallas_ln_linear_is_layernorm_then_linear(pk, gelu):
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
-    BM, K, N = 16, 128, 192
+    BM, B, K, N = 16, 5, 128, 192
     x = (3 * rng.standard_normal((BM, K)) + 1).astype(np.float32)
+    x[B:] = np.nan  # padded rows: never read
     scale, bias_ln = 1 + 0.1 * rng.standard_normal(K), 0.1 * rng.standard_normal(K)
     weight, bias = jnp.asarray(0.05 * rng.standard_normal((N, K)), jnp.bfloat16), rng.standard_normal(N)
     out = pk.ln_linear(jnp.asarray(x), jnp.asarray(scale, jnp.float32), jnp.asarray(bias_ln, jnp.float32),
-                       weight, jnp.asarray(bias, jnp.float32), eps=1e-5, gelu=gelu)  # fmt: skip
+                       weight, jnp.asarray(bias, jnp.float32), B, eps=1e-5, gelu=gelu)  # fmt: skip
     t = lambda a: torch.tensor(np.asarray(a, np.float32))
-    expected = autocast_linear(t(jnp_ln(x, scale, bias_ln)), t(weight), t(bias))
+    expected = autocast_linear(t(jnp_ln(x[:B], scale, bias_ln)), t(weight), t(bias))
     expected = bf16(F.gelu(expected, approximate="tanh")) if gelu else expected
-    close(np.asarray(out, np.float32), expected, 2 * BF16)
+    close(np.asarray(out, np.float32)[:B], expected, 2 * BF16)
 
 
 def test_pallas_ln_linear_masks_the_padded_vocabulary(pk):
@@ -216,6 +222,7 @@ def test_pallas_ln_linear_masks_the_padded_vocabulary(pk):
             zeros,
             weight,
             None,
+            16,
             eps=1e-5,
             valid_n=100,
             block_n=64,
@@ -234,9 +241,11 @@ def test_pallas_linear_residual_adds_into_x(pk):
     h = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)
     weight = jnp.asarray(0.05 * rng.standard_normal((64, 256)), jnp.bfloat16)
     bias, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((16, 64)).astype(np.float32)
-    out = pk.linear_residual(h, weight, jnp.asarray(bias), jnp.asarray(x))
+    h = h.at[3:].set(jnp.nan)  # padded rows: never read
+    out = np.asarray(pk.linear_residual(h, weight, jnp.asarray(bias), jnp.asarray(x), 3))
     t = lambda a: torch.tensor(np.asarray(a, np.float32))
-    close(np.asarray(out), t(x) + autocast_linear(t(h), t(weight), t(bias)), 2 * BF16)
+    close(out[:3], t(x[:3]) + autocast_linear(t(h[:3]), t(weight), t(bias)), 2 * BF16)
+    assert np.array_equal(out[3:], x[3:])  # the padded rows of x's buffer, untouched
 
 
 @pytest.mark.parametrize("pos", [0, 5, 64, 130])
@@ -261,7 +270,6 @@ def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos)
         torch.tensor(q)[:, :, None], t(k_before), t(v_before), attn_mask=mask[None, :]
     )
     close(np.asarray(y, np.float32)[:B], expected.reshape(B, C), 2 * BF16)
-    assert (np.asarray(y, np.float32)[B:] == 0).all()  # padded rows
 
 
 def test_pallas_fused_decode_follows_model_decode(pk):
