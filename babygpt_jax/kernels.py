@@ -32,6 +32,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
+# Launch settings, chosen on an H200 (docs/benchmarks.md): at batch 1 each kernel is a few
+# microseconds of dependent memory round trips, so fewer, wider K blocks win.
+MAX_BLOCK_K = 1024
+NUM_WARPS = 8
+NUM_STAGES = 3
+BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
+BLOCK_S = 64  # cache slots per attention step
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
@@ -47,14 +54,17 @@ def block_rows(batch_size: int) -> int:
 
 
 def block_k(K: int) -> int:
-    """The widest K block (up to 256) that divides K: fewer, larger weight loads in flight."""
-    return next(b for b in (256, 128, BLOCK_K) if K % b == 0)
+    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
+    whole = pl.next_power_of_2(K)
+    if whole <= MAX_BLOCK_K:
+        return whole
+    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
-def _call(kernel, num_stages=3, **kwargs):
+def _call(kernel, **kwargs):
     """pl.pallas_call, compiled to Triton on a GPU and interpreted elsewhere."""
     gpu = jax.default_backend() == "gpu"
-    params = plgpu.CompilerParams(num_warps=4, num_stages=num_stages) if gpu else None
+    params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES) if gpu else None
     return pl.pallas_call(kernel, interpret=not gpu, compiler_params=params, **kwargs)
 
 
@@ -72,27 +82,32 @@ def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, rows, gelu, valid_
     *bias_ref, out_ref = refs
     (BM, K), BN = x_ref.shape, w_ref.shape[0]
     real = (jnp.arange(BM) < rows)[:, None]  # padded rows are neither read nor written: no memory traffic
-    k_block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
-    x_mask = jnp.broadcast_to(real, (BM, bk))
-    x_at = lambda k: plgpu.load(x_ref.at[:, k_block(k)], mask=x_mask, other=0.0).astype(_F32)  # (BM, BK)
+    block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
+    inside = lambda k: (k * bk + jnp.arange(bk) < K)[None, :]  # a block may be wider than K (one for 768)
+    masked = lambda ref, k, rows_mask: plgpu.load(
+        ref.at[:, block(k)], mask=jnp.broadcast_to(rows_mask & inside(k), (ref.shape[0], bk)), other=0.0
+    )
+    x_at = lambda k: masked(x_ref, k, real).astype(_F32)  # (BM, BK)
 
     # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
     def stats(k, carry):
         x = x_at(k)
         return carry[0] + x.sum(axis=1), carry[1] + (x * x).sum(axis=1)
 
-    total, squares = lax.fori_loop(0, K // bk, stats, (jnp.zeros(BM, _F32), jnp.zeros(BM, _F32)))
+    zeros = jnp.zeros(BM, _F32)
+    total, squares = lax.fori_loop(0, pl.cdiv(K, bk), stats, (zeros, zeros))
     mean = total / K
     rstd = lax.rsqrt(squares / K - mean * mean + eps)
 
     def body(k, acc):
-        ks = k_block(k)
-        x = (x_at(k) - mean[:, None]) * rstd[:, None] * g_ref[ks].astype(_F32)[None, :] + b_ref[ks].astype(
-            _F32
-        )[None, :]
-        return acc + _dot_t(x.astype(_BF16), w_ref[:, ks])
+        w = masked(w_ref, k, True)  # (BN, BK): rows of an (N, K) weight
+        g, b = (
+            plgpu.load(ref.at[block(k)], mask=inside(k)[0], other=0.0).astype(_F32) for ref in (g_ref, b_ref)
+        )
+        x = (x_at(k) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]  # 0 past K, where g and b are
+        return acc + _dot_t(x.astype(_BF16), w)
 
-    acc = lax.fori_loop(0, K // bk, body, jnp.zeros((BM, BN), _F32))
+    acc = lax.fori_loop(0, pl.cdiv(K, bk), body, jnp.zeros((BM, BN), _F32))
     if bias_ref:  # the bias added in bfloat16, as torch's autocast does
         acc += bias_ref[0][...].astype(_BF16).astype(_F32)[None, :]
     out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
@@ -110,13 +125,15 @@ def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref, *, rows, bk)
     BM, K = h_ref.shape
     BN = w_ref.shape[0]
     real = (jnp.arange(BM) < rows)[:, None]
+    block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
+    inside = lambda k: (k * bk + jnp.arange(bk) < K)[None, :]
 
     def body(k, acc):
-        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-        h = plgpu.load(h_ref.at[:, ks], mask=jnp.broadcast_to(real, (BM, bk)), other=0.0)
-        return acc + _dot_t(h, w_ref[:, ks])
+        w = plgpu.load(w_ref.at[:, block(k)], mask=jnp.broadcast_to(inside(k), (BN, bk)), other=0.0)
+        h = plgpu.load(h_ref.at[:, block(k)], mask=jnp.broadcast_to(real & inside(k), (BM, bk)), other=0.0)
+        return acc + _dot_t(h, w)
 
-    acc = lax.fori_loop(0, K // bk, body, jnp.zeros((BM, BN), _F32))
+    acc = lax.fori_loop(0, pl.cdiv(K, bk), body, jnp.zeros((BM, BN), _F32))
     acc += bias_ref[...].astype(_BF16).astype(_F32)[None, :]
     mask = jnp.broadcast_to(real, (BM, BN))
     x = plgpu.load(x_ref, mask=mask, other=0.0)
@@ -168,7 +185,7 @@ def ln_linear(
     """act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32, weight
     (N, K) bfloat16 -> (BM, N)."""
     BM, K = x.shape
-    N = weight.shape[0]
+    N, block_n = weight.shape[0], block_n or BLOCK_N
     whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
     in_specs = [whole(BM, K), whole(K), whole(K), pl.BlockSpec((block_n, K), lambda j: (j, 0))]
     args = [x, ln_scale, ln_bias, weight]
@@ -188,15 +205,14 @@ def ln_linear(
     )(*args)
 
 
-def linear_residual(h, weight, bias, x, rows, *, block_n=16):
+def linear_residual(h, weight, bias, x, rows, *, block_n=None):
     """x + h @ weight.T + bias for the first `rows` rows, in x's buffer: h (BM, K) bfloat16,
     weight (N, K), x (BM, N) float32."""
     BM, K = h.shape
-    N = weight.shape[0]
+    N, block_n = weight.shape[0], block_n or BLOCK_N
     columns = pl.BlockSpec((BM, block_n), lambda j: (0, j))
     return _call(
         functools.partial(_linear_residual_kernel, rows=rows, bk=block_k(K)),
-        num_stages=4,
         grid=(N // block_n,),
         in_specs=[
             pl.BlockSpec((BM, K), lambda j: (0, 0)),
@@ -216,7 +232,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
     BM = qkv.shape[0]
     _, _, n_head, hs = k_cache.shape
     return _call(
-        functools.partial(_decode_attention_kernel, block_s=64),
+        functools.partial(_decode_attention_kernel, block_s=BLOCK_S),
         grid=(rows, n_head),
         out_shape=(
             jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),

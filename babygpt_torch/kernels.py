@@ -38,6 +38,13 @@ import triton.language as tl  # noqa: E402
 from babygpt_torch.model import GPT  # noqa: E402
 
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
+# Launch settings, chosen on an H200 (docs/benchmarks.md): at batch 1 each kernel is a few
+# microseconds of dependent memory round trips, so fewer, wider K blocks win.
+MAX_BLOCK_K = 1024
+NUM_WARPS = 8
+NUM_STAGES = 3
+BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
+BLOCK_S = 64  # cache slots per attention step
 _DOT = tl.bfloat16 if torch.cuda.is_available() else tl.float32
 
 
@@ -72,7 +79,8 @@ def _ln_linear_kernel(
     # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
     total, squares = tl.zeros((BM,), tl.float32), tl.zeros((BM,), tl.float32)
     for k0 in range(0, K, BK):
-        x = tl.load(x_ptr + r[:, None] * K + k0 + tl.arange(0, BK)[None, :], mask=real, other=0.0)
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real & (ks < K)[None, :], other=0.0)
         total += tl.sum(x, axis=1)
         squares += tl.sum(x * x, axis=1)
     mean = total / K
@@ -80,9 +88,13 @@ def _ln_linear_kernel(
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real, other=0.0)
-        x = (x - mean[:, None]) * rstd[:, None] * tl.load(g_ptr + ks)[None, :] + tl.load(b_ptr + ks)[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])  # (BN, BK): rows of an (N, K) weight
+        inside = (ks < K)[None, :]  # a block may be wider than K (one block for K = 768)
+        w = tl.load(
+            w_ptr + cols[:, None] * K + ks[None, :], mask=inside, other=0.0
+        )  # (BN, BK): rows of (N, K)
+        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real & inside, other=0.0)
+        g, b = tl.load(g_ptr + ks, mask=ks < K, other=0.0), tl.load(b_ptr + ks, mask=ks < K, other=0.0)
+        x = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]  # 0 past K, where g and b are
         acc += tl.dot(x.to(tl.bfloat16).to(DOT), tl.trans(w.to(DOT)))
     if HAS_BIAS:  # autocast adds the bias in bfloat16
         acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
@@ -107,8 +119,9 @@ def _linear_residual_kernel(
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        h = tl.load(h_ptr + r[:, None] * K + ks[None, :], mask=real, other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
+        inside = (ks < K)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside, other=0.0)
+        h = tl.load(h_ptr + r[:, None] * K + ks[None, :], mask=real & inside, other=0.0)
         acc += tl.dot(h.to(DOT), tl.trans(w.to(DOT)))
     acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
     x = x_ptr + r[:, None] * N + cols[None, :]
@@ -169,30 +182,45 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
 
 
 def block_k(K: int) -> int:
-    """The widest K block (up to 256) that divides K: fewer, larger weight loads in flight."""
-    return next(b for b in (256, 128, BLOCK_K) if K % b == 0)
+    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
+    whole = triton.next_power_of_2(K)
+    if whole <= MAX_BLOCK_K:
+        return whole
+    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
-def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, block_n=16) -> torch.Tensor:
+def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, block_n=None) -> torch.Tensor:
     """out = act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32,
     weight (N, K) bfloat16, out (BM, N)."""
     BM, K = x.shape
-    N = weight.shape[0]
+    N, block_n = weight.shape[0], block_n or BLOCK_N
     _ln_linear_kernel[(N // block_n,)](
         x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, rows,
         K, N, BM, block_n, block_k(K), bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
-        num_warps=4, num_stages=3,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out
 
 
-def linear_residual(h, weight, bias, x, rows: int, *, block_n=16) -> torch.Tensor:
+def linear_residual(h, weight, bias, x, rows: int, *, block_n=None) -> torch.Tensor:
     """x += h @ weight.T + bias for the first `rows` rows, in place: h (BM, K) bfloat16, weight (N, K),
     x (BM, N) float32."""
     BM, K = h.shape
-    N = weight.shape[0]
+    N, block_n = weight.shape[0], block_n or BLOCK_N
     _linear_residual_kernel[(N // block_n,)](
-        h, weight, bias, x, rows, K, N, BM, block_n, block_k(K), _DOT, num_warps=4, num_stages=4
+        h,
+        weight,
+        bias,
+        x,
+        rows,
+        K,
+        N,
+        BM,
+        block_n,
+        block_k(K),
+        _DOT,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     return x
 
@@ -201,7 +229,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, rows: int) -> torch.Tensor:
     """y (BM, C) from qkv (BM, 3C) and the (B, nh, S, hs) cache, which gains this position's keys and values."""
     _, n_head, S, hs = k_cache.shape
     C = n_head * hs
-    _decode_attention_kernel[(rows, n_head)](qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, 64)
+    _decode_attention_kernel[(rows, n_head)](qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, BLOCK_S)
     return y
 
 

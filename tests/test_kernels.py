@@ -34,6 +34,10 @@ def torch_model(seed=0):
     return model
 
 
+# K = 192: one block wider than K (masked past it); with MAX_BLOCK_K = 64, three blocks of 64.
+K_CASES = pytest.mark.parametrize("K, max_block_k", [(128, 1024), (192, 1024), (192, 64)])
+
+
 @pytest.fixture(autouse=True)
 def on_device():
     with torch.device(DEVICE):  # every tensor a test makes
@@ -69,9 +73,11 @@ def close(actual, expected, rel):
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_triton_ln_linear_is_layernorm_then_linear(tk, gelu):
+@K_CASES
+def test_triton_ln_linear_is_layernorm_then_linear(tk, monkeypatch, gelu, K, max_block_k):
+    monkeypatch.setattr(tk, "MAX_BLOCK_K", max_block_k)
     torch.manual_seed(0)
-    BM, B, K, N = 16, 5, 128, 192
+    BM, B, N = 16, 5, 192
     x = 3 * torch.randn(BM, K) + 1
     ln = torch.nn.LayerNorm(K)
     with torch.no_grad():
@@ -93,9 +99,11 @@ def test_triton_ln_linear_masks_the_padded_vocabulary(tk):
     close(out[:, :100], autocast_linear(ln(x), weight[:100]), 4 * BF16)
 
 
-def test_triton_linear_residual_adds_in_place(tk):
+@K_CASES
+def test_triton_linear_residual_adds_in_place(tk, monkeypatch, K, max_block_k):
+    monkeypatch.setattr(tk, "MAX_BLOCK_K", max_block_k)
     torch.manual_seed(0)
-    h, weight, bias = torch.randn(16, 256).bfloat16(), torch.randn(64, 256).bfloat16() * 0.05, torch.randn(64)
+    h, weight, bias = torch.randn(16, K).bfloat16(), torch.randn(64, K).bfloat16() * 0.05, torch.randn(64)
     x = torch.randn(16, 64)
     h[3:] = float("nan")  # padded rows: never read
     expected = x[:3] + autocast_linear(h[:3], weight, bias)
@@ -191,11 +199,13 @@ def jnp_ln(x, scale, bias, eps=1e-5):
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_pallas_ln_linear_is_layernorm_then_linear(pk, gelu):
+@K_CASES
+def test_pallas_ln_linear_is_layernorm_then_linear(pk, monkeypatch, gelu, K, max_block_k):
     import jax.numpy as jnp
 
+    monkeypatch.setattr(pk, "MAX_BLOCK_K", max_block_k)
     rng = np.random.default_rng(0)
-    BM, B, K, N = 16, 5, 128, 192
+    BM, B, N = 16, 5, 192
     x = (3 * rng.standard_normal((BM, K)) + 1).astype(np.float32)
     x[B:] = np.nan  # padded rows: never read
     scale, bias_ln = 1 + 0.1 * rng.standard_normal(K), 0.1 * rng.standard_normal(K)
@@ -234,12 +244,14 @@ def test_pallas_ln_linear_masks_the_padded_vocabulary(pk):
     close(out[:, :100], autocast_linear(t(jnp_ln(x, 1.0, 0.0)), t(weight)[:100]), 2 * BF16)
 
 
-def test_pallas_linear_residual_adds_into_x(pk):
+@K_CASES
+def test_pallas_linear_residual_adds_into_x(pk, monkeypatch, K, max_block_k):
     import jax.numpy as jnp
 
+    monkeypatch.setattr(pk, "MAX_BLOCK_K", max_block_k)
     rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)
-    weight = jnp.asarray(0.05 * rng.standard_normal((64, 256)), jnp.bfloat16)
+    h = jnp.asarray(rng.standard_normal((16, K)), jnp.bfloat16)
+    weight = jnp.asarray(0.05 * rng.standard_normal((64, K)), jnp.bfloat16)
     bias, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((16, 64)).astype(np.float32)
     h = h.at[3:].set(jnp.nan)  # padded rows: never read
     out = np.asarray(pk.linear_residual(h, weight, jnp.asarray(bias), jnp.asarray(x), 3))
