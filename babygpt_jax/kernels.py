@@ -140,43 +140,63 @@ def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref, *, rows, bk)
     plgpu.store(out_ref, x + acc.astype(_BF16).astype(_F32), mask=mask)
 
 
-def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out, *, block_s):
-    """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
+def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, part_ref, k_out, v_out, *, block_s):
+    """One (row, head, block of block_s cache slots): this block's share of attention for the new token.
 
-    The cache is (B, S, nh, hs), aliased: read through k_ref, written through k_out, one buffer on
-    a GPU. Slot pos is read from registers, not from the cache just written. Launched for the
-    batch's rows only: no kernel reads the padded rows of y.
+    The block holding pos first writes the new key and value into the (B, S, nh, hs) cache,
+    aliased: read through k_ref, written through k_out, one buffer on a GPU. It reads slot pos
+    from registers, not from the cache just written. Each block stores its largest score, its
+    softmax normaliser and its weighted sum of values (flash-decoding: the slots of one head are
+    split across programs, so a batch of one still fills the GPU); `_combine_kernel` merges them.
+    A block wholly past pos stores (-inf, 0, 0).
     """
-    row, head = pl.program_id(0), pl.program_id(1)
+    row, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     HS = k_ref.shape[3]
     C = HS * k_ref.shape[2]
     pos = pos_ref[()]
     at = lambda part: qkv_ref[row, pl.ds(part * C + head * HS, HS)]
     q, k_new, v_new = at(0).astype(_F32), at(1), at(2)
-    k_out[row, pos, head, :] = k_new
-    v_out[row, pos, head, :] = v_new
 
-    def body(s, carry):  # online softmax: running max, normaliser and weighted sum
+    @pl.when(block == pos // block_s)  # the block that holds pos
+    def _():
+        k_out[row, pos, head, :] = k_new
+        v_out[row, pos, head, :] = v_new
+
+    slots = block * block_s + jnp.arange(block_s)
+    seen = jnp.broadcast_to((slots < pos)[:, None], (block_s, HS))
+    cached = pl.ds(pl.multiple_of(block * block_s, block_s), block_s)
+    k = jnp.where(seen, plgpu.load(k_ref.at[row, cached, head, :], mask=seen, other=0.0), k_new[None, :])
+    v = jnp.where(seen, plgpu.load(v_ref.at[row, cached, head, :], mask=seen, other=0.0), v_new[None, :])
+    scores = (q[None, :] * k.astype(_F32)).sum(axis=1) * HS**-0.5  # (BS,)
+    scores = jnp.where(slots <= pos, scores, -jnp.inf)
+    m = scores.max()
+    p = jnp.exp(scores - jnp.where(m > -jnp.inf, m, 0.0))  # all 0 in a block past pos
+    cols = pl.ds(head * HS, HS)  # part is (3, blocks, BM, C): max, normaliser, weighted sum
+    part_ref[0, block, row, cols] = jnp.zeros(HS, _F32) + m
+    part_ref[1, block, row, cols] = jnp.zeros(HS, _F32) + p.sum()
+    part_ref[2, block, row, cols] = (p[:, None] * v.astype(_F32)).sum(axis=0)
+
+
+def _combine_kernel(part_ref, pos_ref, y_ref, *, block_s, head_size):
+    """One (row, head): the blocks' shares merged into softmax(scores) @ values, as bfloat16."""
+    row, head = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(head * head_size, head_size)
+    at = lambda block: (
+        part_ref[0, block, row, cols],
+        part_ref[1, block, row, cols],
+        part_ref[2, block, row, cols],
+    )
+
+    def body(block, carry):
         m, norm, acc = carry
-        slots = s * block_s + jnp.arange(block_s)
-        seen = jnp.broadcast_to((slots < pos)[:, None], (block_s, HS))
-        block = pl.ds(pl.multiple_of(s * block_s, block_s), block_s)
-        k = jnp.where(seen, plgpu.load(k_ref.at[row, block, head, :], mask=seen, other=0.0), k_new[None, :])
-        v = jnp.where(seen, plgpu.load(v_ref.at[row, block, head, :], mask=seen, other=0.0), v_new[None, :])
-        scores = (q[None, :] * k.astype(_F32)).sum(axis=1) * HS**-0.5  # (BS,)
-        scores = jnp.where(slots <= pos, scores, -jnp.inf)
-        m_new = jnp.maximum(m, scores.max())
-        p = jnp.exp(scores - m_new)
-        correction = jnp.exp(m - m_new)
-        return (
-            m_new,
-            norm * correction + p.sum(),
-            acc * correction + (p[:, None] * v.astype(_F32)).sum(axis=0),
-        )
+        m_b, norm_b, acc_b = at(block)
+        m_new = jnp.maximum(m, m_b)
+        old, new = jnp.exp(m - m_new), jnp.exp(m_b - m_new)
+        return m_new, norm * old + norm_b * new, acc * old + acc_b * new
 
-    start = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros(HS, _F32))
-    _, norm, acc = lax.fori_loop(0, pos // block_s + 1, body, start)  # the blocks up to pos
-    y_ref[row, pl.ds(head * HS, HS)] = (acc / norm).astype(y_ref.dtype)
+    # from block 0, which always holds slot 0, through the blocks up to pos
+    _, norm, acc = lax.fori_loop(1, pos_ref[()] // block_s + 1, body, at(0))
+    y_ref[row, cols] = (acc / norm).astype(y_ref.dtype)
 
 
 def ln_linear(
@@ -226,21 +246,32 @@ def linear_residual(h, weight, bias, x, rows, *, block_n=None):
     )(h, weight, bias, x)
 
 
+def attention_blocks(cache_len: int) -> int:
+    return pl.cdiv(cache_len, BLOCK_S)
+
+
 def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
     """(y (BM, C), k_cache, v_cache): attention for qkv (BM, 3C) over the (B, S, nh, hs) cache,
     which gains this position's keys and values (in place: the caches are aliased)."""
     BM = qkv.shape[0]
-    _, _, n_head, hs = k_cache.shape
-    return _call(
+    _, S, n_head, hs = k_cache.shape
+    NB = attention_blocks(S)
+    part, k_cache, v_cache = _call(
         functools.partial(_decode_attention_kernel, block_s=BLOCK_S),
-        grid=(rows, n_head),
+        grid=(rows, n_head, NB),
         out_shape=(
-            jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),
+            jax.ShapeDtypeStruct((3, NB, BM, n_head * hs), _F32),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
         ),
         input_output_aliases={2: 1, 3: 2},
     )(qkv, pos, k_cache, v_cache)
+    y = _call(
+        functools.partial(_combine_kernel, block_s=BLOCK_S, head_size=hs),
+        grid=(rows, n_head),
+        out_shape=jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),
+    )(part, pos)
+    return y, k_cache, v_cache
 
 
 def decode_weights(model) -> dict:

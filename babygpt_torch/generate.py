@@ -251,7 +251,7 @@ def _compiled_steps(
     if fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
         from babygpt_torch import kernels
 
-        decoder = kernels.FusedDecoder(model, batch_size)
+        decoder = kernels.FusedDecoder(model, batch_size, cache_len)
         logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811 (greedy_step calls it too)
         graphed = (kernels.cuda_graph(logits_at), kernels.cuda_graph(greedy_step))
         return buffers, (decoder.refresh, graphed[0], commit, graphed[1], window_logits)

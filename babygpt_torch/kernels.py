@@ -130,43 +130,57 @@ def _linear_residual_kernel(
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, scale,
-    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
+    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, part_ptr, scale, BM,
+    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr,
 ):  # fmt: skip
-    """One (row, head): write this position's key and value into the cache, attend over slots 0..pos.
+    """One (row, head, block of BS cache slots): this block's share of attention for the new token.
 
-    The cache is (B, nh, S, hs). Slot pos is read from registers, not from the cache just written.
-    Launched for the batch's rows only: no kernel reads the padded rows.
+    The block holding pos first writes the new key and value into the (B, nh, S, hs) cache, and
+    reads slot pos from registers, not from the cache just written. Each block stores its largest
+    score, its softmax normaliser and its weighted sum of values (flash-decoding: the slots of one
+    head are split across programs, so a batch of one still fills the GPU); `_combine_kernel`
+    merges them. A block wholly past pos stores (-inf, 0, 0).
     """
-    row, head = tl.program_id(0), tl.program_id(1)
+    row, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = tl.arange(0, HS)
     pos = tl.load(pos_ptr)
     base = qkv_ptr + row * 3 * C + head * HS + d
     q = tl.load(base).to(tl.float32)
     k_new, v_new = tl.load(base + C), tl.load(base + 2 * C)
     cache = (row * (C // HS) + head) * S * HS  # this (row, head)'s first slot
-    tl.store(k_cache_ptr + cache + pos * HS + d, k_new)
-    tl.store(v_cache_ptr + cache + pos * HS + d, v_new)
-    m = tl.full((), float("-inf"), tl.float32)  # running max, normaliser and weighted sum (online softmax)
-    norm = tl.zeros((), tl.float32)
-    acc = tl.zeros((HS,), tl.float32)
-    for s0 in range(
-        0, S, BS
-    ):  # a static loop (the interpreter takes no loaded bound), blocks past pos skipped
-        if s0 <= pos:
-            slots = s0 + tl.arange(0, BS)
-            offsets = cache + slots[:, None] * HS + d[None, :]  # (BS, hs)
-            seen = slots[:, None] < pos
-            k = tl.where(seen, tl.load(k_cache_ptr + offsets, mask=seen, other=0.0), k_new[None, :])
-            v = tl.where(seen, tl.load(v_cache_ptr + offsets, mask=seen, other=0.0), v_new[None, :])
-            scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale  # (BS,)
-            scores = tl.where(slots <= pos, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            p = tl.exp(scores - m_new)
-            correction = tl.exp(m - m_new)
-            norm = norm * correction + tl.sum(p, axis=0)
-            acc = acc * correction + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m = m_new
+    owner = d * 0 + block == pos // BS  # (hs,): whether this block holds pos
+    tl.store(k_cache_ptr + cache + pos * HS + d, k_new, mask=owner)
+    tl.store(v_cache_ptr + cache + pos * HS + d, v_new, mask=owner)
+    slots = block * BS + tl.arange(0, BS)
+    offsets = cache + slots[:, None] * HS + d[None, :]  # (BS, hs)
+    seen = slots[:, None] < pos
+    k = tl.where(seen, tl.load(k_cache_ptr + offsets, mask=seen, other=0.0), k_new[None, :])
+    v = tl.where(seen, tl.load(v_cache_ptr + offsets, mask=seen, other=0.0), v_new[None, :])
+    scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale  # (BS,)
+    scores = tl.where(slots <= pos, scores, float("-inf"))
+    m = tl.max(scores, axis=0)
+    p = tl.exp(scores - tl.where(m > float("-inf"), m, 0.0))  # all 0 in a block past pos
+    out = part_ptr + (block * BM + row) * C + head * HS + d  # part is (3, NB, BM, C): max, normaliser, sum
+    tl.store(out, tl.zeros((HS,), tl.float32) + m)
+    tl.store(out + NB * BM * C, tl.zeros((HS,), tl.float32) + tl.sum(p, axis=0))
+    tl.store(out + 2 * NB * BM * C, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, pos_ptr, y_ptr, BM, C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr
+):
+    """One (row, head): the blocks' shares merged into softmax(scores) @ values, as bfloat16."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, HS)
+    at = part_ptr + row * C + head * HS + d  # block 0, which always holds slot 0
+    m, norm, acc = tl.load(at), tl.load(at + NB * BM * C), tl.load(at + 2 * NB * BM * C)
+    for block in range(1, tl.load(pos_ptr) // BS + 1):  # the blocks up to pos
+        at = part_ptr + (block * BM + row) * C + head * HS + d
+        m_b, norm_b, acc_b = tl.load(at), tl.load(at + NB * BM * C), tl.load(at + 2 * NB * BM * C)
+        m_new = tl.maximum(m, m_b)
+        old, new = tl.exp(m - m_new), tl.exp(m_b - m_new)
+        norm, acc, m = norm * old + norm_b * new, acc * old + acc_b * new, m_new
     tl.store(y_ptr + row * C + head * HS + d, (acc / norm).to(tl.bfloat16))
 
 
@@ -225,11 +239,18 @@ def linear_residual(h, weight, bias, x, rows: int, *, block_n=None) -> torch.Ten
     return x
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, y, rows: int) -> torch.Tensor:
-    """y (BM, C) from qkv (BM, 3C) and the (B, nh, S, hs) cache, which gains this position's keys and values."""
+def attention_blocks(cache_len: int) -> int:
+    return triton.cdiv(cache_len, BLOCK_S)
+
+
+def decode_attention(qkv, k_cache, v_cache, pos, y, part, rows: int) -> torch.Tensor:
+    """y (BM, C) from qkv (BM, 3C) and the (B, nh, S, hs) cache, which gains this position's keys
+    and values; part is (3, attention_blocks(S), BM, C) float32 scratch."""
     _, n_head, S, hs = k_cache.shape
-    C = n_head * hs
-    _decode_attention_kernel[(rows, n_head)](qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, BLOCK_S)
+    BM, C, NB = qkv.shape[0], n_head * hs, part.shape[1]
+    grid = (rows, n_head, NB)
+    _decode_attention_kernel[grid](qkv, k_cache, v_cache, pos, part, hs**-0.5, BM, C, S, hs, BLOCK_S, NB)
+    _combine_kernel[(rows, n_head)](part, pos, y, BM, C, hs, BLOCK_S, NB)
     return y
 
 
@@ -247,13 +268,14 @@ class FusedDecoder:
     tokens and positions. The cache is the caller's, (B, nh, S, hs) bfloat16, written in place.
     """
 
-    def __init__(self, model: GPT, batch_size: int):
+    def __init__(self, model: GPT, batch_size: int, cache_len: int):
         c = model.config
         self.model, self.rows = model, batch_size
         BM, C, device = block_rows(batch_size), c.n_embd, model.lm_head.weight.device
         new = lambda *shape, dtype=torch.bfloat16: torch.zeros(shape, dtype=dtype, device=device)
         self.x = new(BM, C, dtype=torch.float32)  # the residual stream
         self.qkv, self.y, self.h = new(BM, 3 * C), new(BM, C), new(BM, 4 * C)
+        self.part = new(3, attention_blocks(cache_len), BM, C, dtype=torch.float32)  # attention's blocks
         self.out = new(BM, c.padded_vocab_size, dtype=torch.float32)  # logits
         self.weights = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2}
 
@@ -271,7 +293,7 @@ class FusedDecoder:
             p = f"transformer.h.{i}."
             B = self.rows
             ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv, B)
-            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, B)
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.part, B)
             linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x, B)
             ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, B, gelu=True)
             linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x, B)

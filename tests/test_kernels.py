@@ -122,7 +122,8 @@ def test_triton_decode_attention_writes_the_cache_and_attends_up_to_pos(tk, pos)
     qkv = torch.randn(BM, 3 * C).bfloat16()
     k_cache, v_cache = torch.randn(B, nh, S, hs).bfloat16(), torch.randn(B, nh, S, hs).bfloat16()
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    y = tk.decode_attention(qkv, k_cache, v_cache, torch.tensor([pos]), torch.zeros(BM, C), rows=B)
+    part = torch.empty(3, tk.attention_blocks(S), BM, C)
+    y = tk.decode_attention(qkv, k_cache, v_cache, torch.tensor([pos]), torch.zeros(BM, C), part, rows=B)
     q, k, v = (t.view(BM, nh, hs)[:B] for t in qkv.float().split(C, dim=1))
     k_before[:, :, pos], v_before[:, :, pos] = k.bfloat16(), v.bfloat16()
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)  # only slot pos changed
@@ -146,7 +147,7 @@ def test_triton_fused_decoder_follows_model_decode(tk):
     """Prefill a prompt, then decode eight greedy tokens both ways from copies of the same cache."""
     model = torch_model()
     B, S, prompt = 3, 64, 6
-    decoder = tk.FusedDecoder(model, B)
+    decoder = tk.FusedDecoder(model, B, S)
     tokens = torch.randint(0, CONFIG.vocab_size, (B, S + 1))
     cache = model.init_cache(B, S, torch.bfloat16)
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
