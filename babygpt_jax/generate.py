@@ -122,13 +122,14 @@ def generate(
     in-context decode loop runs on the device in one call, and the host reads the tokens once at
     the end of it; past the context the host reads each token, one full forward per read.
     `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
-    `fused` (default: on a GPU in bfloat16, where Pallas fits the model) makes the decode step the
-    hand-written kernels of `babygpt_jax/kernels.py` (5 a layer) instead of XLA's fusions.
+    `fused` makes the decode step the hand-written kernels of `babygpt_jax/kernels.py` (about 7 a
+    layer instead of ~20 XLA fusions). Default: on for a lone prompt on a GPU in bfloat16, the one
+    case where they were measured no slower (docs/performance.md).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     B = len(prompts)
-    fused = _kernels_fit(model) if fused is None else fused
+    fused = B == 1 and _kernels_fit(model) if fused is None else fused
     # XLA turns a one-row matmul into a multiply and a reduction, which on a GPU is slower than
     # the matrix kernel it uses for a few rows (docs/performance.md): a lone prompt is decoded
     # beside copies of itself, which are done from the start and dropped (the fused kernels pad

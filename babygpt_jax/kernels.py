@@ -1,11 +1,12 @@
-"""Fused decode kernels in Pallas: one token per row through GPT-2 in 5 kernels a layer, not ~20.
+"""Fused decode kernels in Pallas: one token per row through a GPT-2 layer in 6 kernels, not ~20.
 
 Decoding a token at batch 1 to 32 is latency-bound: each of the ~250 kernels XLA makes of
-`model.decode` per token takes ~3 us whatever it reads (docs/performance.md). Here a layer is
-five kernels:
+`model.decode` per token takes ~3 us whatever it reads (docs/performance.md). Here a layer is six
+kernels:
 
     ln_linear        LayerNorm, then the QKV matmul and its bias          (B, C) -> (B, 3C)
-    decode_attention the new key and value into the cache, attention      (B, 3C) -> (B, C)
+    decode_attention the new key and value into the cache; each block of cache slots' share
+                     of attention (flash-decoding), then the shares combined  (B, 3C) -> (B, C)
     linear_residual  the output projection and its bias, into the residual stream
     ln_linear        LayerNorm, then the MLP's first matmul, bias and GELU (B, C) -> (B, 4C)
     linear_residual  the MLP's second matmul and bias, into the residual stream
@@ -15,8 +16,9 @@ table as the head. Each kernel computes the same expression as the module it rep
 bfloat16: LayerNorm and the residual stream in float32, bfloat16 matmul inputs and outputs
 accumulated in float32 (tested against those expressions in tests/test_kernels.py). The mirror of
 `babygpt_torch/kernels.py` (Triton): the same kernels, the same blocks; Pallas lowers them to
-Triton on a GPU. Not a lesson file: `babygpt_jax/generate.py` uses `fused_decode` on a GPU and
-`model.decode` everywhere else.
+Triton on a GPU. Not a lesson file: `babygpt_jax/generate.py` uses `fused_decode` for a lone
+prompt on a GPU (1,946 against 1,898 new tokens/s on an H200, within the run-to-run spread; at
+batch 32 it is 9% slower: docs/performance.md) and `model.decode` everywhere else.
 
 Without a GPU the kernels run in Pallas' interpret mode, which is how the tests check them on a CPU.
 """
@@ -34,8 +36,8 @@ from jax.experimental.pallas import triton as plgpu
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
 # Launch settings, chosen on an H200 (docs/benchmarks.md): at batch 1 each kernel is a few
 # microseconds of dependent memory round trips, so fewer, wider K blocks win.
-MAX_BLOCK_K = 1024
-NUM_WARPS = 8
+MAX_BLOCK_K = 256
+NUM_WARPS = 4
 NUM_STAGES = 3
 BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
 BLOCK_S = 64  # cache slots per attention step

@@ -21,7 +21,7 @@ from pathlib import Path
 from babygpt.config import BabyGPTError
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRS = ("model", "optim", "data", "parallel", "checkpoint", "train", "generate", "score")
+PAIRS = ("model", "optim", "data", "parallel", "checkpoint", "train", "generate", "score", "kernels")
 BACKENDS = ("jax", "torch")
 
 # The same thing under each framework's name (a top-level name or a method name): an NNX module is
@@ -66,6 +66,18 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_no_gradient_sync": "FSDP2's no_sync is a setter (set_requires_gradient_sync), DDP's a context manager",
         "all_reduce_mean": "an explicit collective for logged values; a jitted JAX step returns global values",
         "clip_grad_norm": "FSDP2's gradient norm is a DTensor to make whole; optax.global_norm of jitted global arrays is global already",
+    },
+    ("kernels", "jax"): {
+        "_call": "a Pallas kernel runs through pl.pallas_call, compiled to Triton on a GPU or interpreted, by one switch; a Triton kernel is launched on its grid directly",
+        "_dot_t": "Pallas multiplies by a transposed tile through lax.dot_general; Triton writes tl.dot(a, tl.trans(b)) inline",
+        "decode_weights": "the kernels' bfloat16 (out, in) weights, made inside the jitted decode once per call; torch's FusedDecoder holds copies and refreshes them",
+        "fused_decode": "the decode step as a function of weights and cache that returns the new cache; torch's FusedDecoder.logits writes fixed buffers in place",
+    },
+    ("kernels", "torch"): {
+        "_embed_kernel": "the embedding lookup as one kernel; XLA fuses JAX's jnp expression into one by itself",
+        "embed": "launches _embed_kernel; XLA fuses JAX's jnp expression into one kernel by itself",
+        "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",
+        "cuda_graph": "torch records the step once and replays it per token; JAX runs the whole decode loop as one compiled while loop",
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",

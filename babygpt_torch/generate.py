@@ -117,8 +117,9 @@ def generate(
     the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
     (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
-    `fused` (default: with `compile`, where Triton fits the model) makes that step the hand-written
-    kernels of `babygpt_torch/kernels.py` (5 a layer) in a CUDA graph of its own, instead.
+    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py` (about 7 a
+    layer instead of 12) in a CUDA graph of its own. Default: on for a lone prompt on a GPU, the
+    one case where they were measured faster (docs/performance.md).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -135,7 +136,7 @@ def generate(
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     compile = on_gpu if compile is None else compile
-    fused = compile and on_gpu and _kernels_fit(model) if fused is None else fused
+    fused = compile and on_gpu and B == 1 and _kernels_fit(model) if fused is None else fused
     buffers, (prepare, logits_at, commit, greedy_step, window_logits) = _compiled_steps(
         model, B, S, device, dtype, compile, fused
     )
@@ -193,7 +194,8 @@ def _kernels_fit(model) -> bool:
         from babygpt_torch import kernels
     except ImportError:  # no triton
         return False
-    return kernels.supported(model.config)
+    weights = model.lm_head.weight.dtype
+    return weights in (torch.float32, torch.bfloat16) and kernels.supported(model.config)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,11 +1,12 @@
-"""Fused decode kernels in Triton: one token per row through GPT-2 in 5 kernels a layer, not ~12.
+"""Fused decode kernels in Triton: one token per row through a GPT-2 layer in 6 kernels, not ~12.
 
 Decoding a token at batch 1 to 32 is latency-bound: each of the ~150 kernels `model.decode` runs
 per token (split across LayerNorm, GEMV, bias, GELU, residual add, cache write, attention, mask)
-takes ~3 us whatever it reads (docs/performance.md). Here a layer is five kernels:
+takes ~3 us whatever it reads (docs/performance.md). Here a layer is six kernels:
 
     ln_linear        LayerNorm, then the QKV matmul and its bias          (B, C) -> (B, 3C)
-    decode_attention the new key and value into the cache, attention      (B, 3C) -> (B, C)
+    decode_attention the new key and value into the cache; each block of cache slots' share
+                     of attention (flash-decoding), then the shares combined  (B, 3C) -> (B, C)
     linear_residual  the output projection and its bias, into the residual stream
     ln_linear        LayerNorm, then the MLP's first matmul, bias and GELU (B, C) -> (B, 4C)
     linear_residual  the MLP's second matmul and bias, into the residual stream
@@ -15,7 +16,9 @@ computes the same expression as the module it replaces under bfloat16 autocast: 
 residual stream in float32, bfloat16 matmul inputs and outputs accumulated in float32 (tested
 against those expressions in tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py`
 (Pallas): the same kernels, the same blocks. Not a lesson file: `babygpt_torch/generate.py` uses
-`FusedDecoder` on a GPU and `model.decode` everywhere else.
+`FusedDecoder` for a lone prompt on a GPU, the one case where it was measured faster (2,218
+against 1,927 new tokens/s on an H200; at batch 32 it is 8% slower: docs/performance.md), and
+`model.decode` everywhere else.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
 check them on a CPU. The interpreter multiplies bfloat16 tiles as raw integers, so there the
@@ -40,8 +43,8 @@ from babygpt_torch.model import GPT  # noqa: E402
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
 # Launch settings, chosen on an H200 (docs/benchmarks.md): at batch 1 each kernel is a few
 # microseconds of dependent memory round trips, so fewer, wider K blocks win.
-MAX_BLOCK_K = 1024
-NUM_WARPS = 8
+MAX_BLOCK_K = 256
+NUM_WARPS = 4
 NUM_STAGES = 3
 BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
 BLOCK_S = 64  # cache slots per attention step
@@ -58,6 +61,14 @@ def block_rows(batch_size: int) -> int:
     """Rows every buffer holds: the batch rounded up to a tensor-core tile (16) or a power of two.
     The padded rows are computed in registers but never read from or written to memory."""
     return max(16, triton.next_power_of_2(batch_size))
+
+
+def block_k(K: int) -> int:
+    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
+    whole = triton.next_power_of_2(K)
+    if whole <= MAX_BLOCK_K:
+        return whole
+    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
 @triton.jit
@@ -193,14 +204,6 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
     for k0 in range(0, C, BK):
         d = k0 + tl.arange(0, BK)
         tl.store(x_ptr + row * C + d, tl.load(wte_ptr + token * C + d) + tl.load(wpe_ptr + pos * C + d))
-
-
-def block_k(K: int) -> int:
-    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
-    whole = triton.next_power_of_2(K)
-    if whole <= MAX_BLOCK_K:
-        return whole
-    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
 def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, block_n=None) -> torch.Tensor:

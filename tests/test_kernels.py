@@ -326,13 +326,13 @@ def test_torch_generate_fused_gives_the_plain_greedy_tokens(tk):
     from babygpt_torch.generate import generate
 
     model = torch_model()
-    plain = generate(model, PROMPTS, 8, temperature=0.0, fused=False)
-    fused = generate(model, PROMPTS, 8, temperature=0.0, fused=True)
-    assert fused == plain
+    assert generate(model, PROMPTS, 6, temperature=0.0, fused=True) == generate(
+        model, PROMPTS, 6, temperature=0.0, fused=False
+    )
     with torch.no_grad():  # weights changed after a call (training) are taken again by the next one
         model.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
-    assert generate(model, PROMPTS, 8, temperature=0.0, fused=True) == generate(
-        model, PROMPTS, 8, temperature=0.0, fused=False
+    assert generate(model, PROMPTS, 6, temperature=0.0, fused=True) == generate(
+        model, PROMPTS, 6, temperature=0.0, fused=False
     )
 
 
