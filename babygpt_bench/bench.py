@@ -242,6 +242,8 @@ def bench_generate(args) -> list[Row]:
         med, lo, hi = _stats(times)
         tps = batch * args.new_tokens / (med / 1000)
         extra = {"new_tokens": args.new_tokens}
+        if args.backend in ("jax", "torch") and args.fused is not None:
+            extra["fused"] = args.fused
         if args.profile and args.backend in ("jax", "torch"):  # kernels per new token, this batch size
             profiler = profile_jax if args.backend == "jax" else profile_torch
             folder = Path(args.profile) / f"{args.backend}-generate-b{batch}"
@@ -363,17 +365,27 @@ def _child(args) -> None:
     print("BENCH_JSON " + json.dumps([dataclasses.asdict(r) for r in rows]), flush=True)
 
 
+def _label(row: dict) -> str:
+    """The backend, with transformers' cache or whether decoding took the fused kernels."""
+    extra = row["extra"]
+    if extra.get("hf_cache"):
+        return f"{row['backend']}/{extra['hf_cache']}"
+    if "fused" in extra:
+        return f"{row['backend']}/{'fused' if extra['fused'] else 'plain'}"
+    return row["backend"]
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'backend':<8} {'mode':<8} {'preset':<12} {'batch':>5} {'seq':>5} {'ms/step (min-max)':>22} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9} {'pipelined ms':>12}"
+    head = f"{'backend':<11} {'mode':<8} {'preset':<12} {'batch':>5} {'seq':>5} {'ms/step (min-max)':>22} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9} {'pipelined ms':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = f"{r['ms_median']:.2f} ({r['ms_min']:.1f}-{r['ms_max']:.1f})"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-        label = r["backend"] + (f"/{r['extra']['hf_cache']}" if r["extra"].get("hf_cache") else "")
+        label = _label(r)
         pipelined = f"{r['extra']['ms_pipelined']:.2f}" if "ms_pipelined" in r["extra"] else "-"
         lines.append(
-            f"{label:<8} {r['mode']:<8} {r['preset']:<12} {r['batch']:>5} {r['seq']:>5} {spread:>22} {r['tokens_per_s']:>12,.0f} {mfu:>6} {mem:>8} {r['compile_s']:>9.1f} {pipelined:>12}"
+            f"{label:<11} {r['mode']:<8} {r['preset']:<12} {r['batch']:>5} {r['seq']:>5} {spread:>22} {r['tokens_per_s']:>12,.0f} {mfu:>6} {mem:>8} {r['compile_s']:>9.1f} {pipelined:>12}"
         )
     return "\n".join(lines)
 
@@ -384,7 +396,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['backend']}\n{r['preset']} b{r['batch']}" for r in rows]
+    labels = [f"{_label(r)}\n{r['preset']} b{r['batch']}" for r in rows]
     values = [r["tokens_per_s"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(rows)), 3.5))
     bars = ax.bar(
@@ -396,6 +408,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ],
     )
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    if values and max(values) > 10 * min(values):  # batch 1 beside batch 32: both readable
+        ax.set_yscale("log")
     mode = rows[0]["mode"] if rows else ""
     ax.set_ylabel("new tokens/s" if mode == "generate" else "training tokens/s")
     ax.set_title(f"babyGPT {mode} throughput on {rows[0]['device'] if rows else ''}")
