@@ -70,10 +70,10 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("kernels", "jax"): {
         "_call": "a Pallas kernel runs through pl.pallas_call, compiled to Triton on a GPU or interpreted, by one switch; a Triton kernel is launched on its grid directly",
         "_dot_t": "Pallas multiplies by a transposed tile through lax.dot_general; Triton writes tl.dot(a, tl.trans(b)) inline",
-        "decode_weights": "the kernels' bfloat16 (out, in) weights, made inside the jitted decode once per call; torch's FusedDecoder holds copies and refreshes them",
         "fused_decode": "the decode step as a function of weights and cache that returns the new cache; torch's FusedDecoder.logits writes fixed buffers in place",
     },
     ("kernels", "torch"): {
+        "_WEIGHTS": "torch keeps one set of bfloat16 weight copies per model for its fixed-address decoders; JAX makes them inside each jitted call",
         "_embed_kernel": "the embedding lookup as one kernel; XLA fuses JAX's jnp expression into one by itself",
         "embed": "launches _embed_kernel; XLA fuses JAX's jnp expression into one kernel by itself",
         "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",

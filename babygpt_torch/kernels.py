@@ -30,6 +30,7 @@ tensor-core path.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -263,11 +264,24 @@ def embed(tokens, pos, wte, wpe, x, rows: int) -> torch.Tensor:
     return x
 
 
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
+
+
+def decode_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """bfloat16 copies of every matrix as (out, in), torch's own layout: one set per model,
+    shared by the decoders of every batch size and cache length (1.5B's are 3 GB)."""
+    if model not in _WEIGHTS:
+        _WEIGHTS[model] = {
+            n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2
+        }
+    return _WEIGHTS[model]
+
+
 class FusedDecoder:
     """`model.decode` for one token per row at `pos`, in the kernels above, over fixed buffers.
 
-    Holds bfloat16 copies of the weights (`refresh()` takes them again: call it after training)
-    and every intermediate at a fixed address, so a CUDA graph of `logits()` replays with new
+    Reads the model's bfloat16 weights (`refresh()` takes them again: call it after training)
+    and keeps every intermediate at a fixed address, so a CUDA graph of `logits()` replays with new
     tokens and positions. The cache is the caller's, (B, nh, S, hs) bfloat16, written in place.
     """
 
@@ -280,7 +294,7 @@ class FusedDecoder:
         self.qkv, self.y, self.h = new(BM, 3 * C), new(BM, C), new(BM, 4 * C)
         self.part = new(3, attention_blocks(cache_len), BM, C, dtype=torch.float32)  # attention's blocks
         self.out = new(BM, c.padded_vocab_size, dtype=torch.float32)  # logits
-        self.weights = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2}
+        self.weights = decode_weights(model)
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -334,6 +334,8 @@ def test_torch_generate_fused_gives_the_plain_greedy_tokens(tk):
     assert generate(model, PROMPTS, 6, temperature=0.0, fused=True) == generate(
         model, PROMPTS, 6, temperature=0.0, fused=False
     )
+    # every batch size and cache length reads one set of bfloat16 weights
+    assert tk.FusedDecoder(model, 1, 64).weights is tk.FusedDecoder(model, 3, 128).weights
 
 
 def test_jax_generate_fused_gives_the_plain_greedy_tokens(pk):
