@@ -73,7 +73,6 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "fused_decode": "the decode step as a function of weights and cache that returns the new cache; torch's FusedDecoder.logits writes fixed buffers in place",
     },
     ("kernels", "torch"): {
-        "_WEIGHTS": "torch keeps one set of bfloat16 weight copies per model for its fixed-address decoders; JAX makes them inside each jitted call",
         "_embed_kernel": "the embedding lookup as one kernel; XLA fuses JAX's jnp expression into one by itself",
         "embed": "launches _embed_kernel; XLA fuses JAX's jnp expression into one kernel by itself",
         "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",
