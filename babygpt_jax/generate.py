@@ -122,8 +122,8 @@ def generate(
     in-context decode loop runs on the device in one call, and the host reads the tokens once at
     the end of it; past the context the host reads each token, one full forward per read.
     `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
-    `fused` makes the decode step the hand-written kernels of `babygpt_jax/kernels.py` (about 7 a
-    layer instead of ~20 XLA fusions). Default: on for a lone prompt on a GPU in bfloat16, the one
+    `fused` makes the decode step the hand-written kernels of `babygpt_jax/kernels.py` (6 a layer,
+    not ~20 XLA fusions). Default: on for a lone prompt on a GPU in bfloat16, the one
     case where they were measured no slower (docs/performance.md).
     """
     config = model.config

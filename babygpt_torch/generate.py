@@ -117,8 +117,8 @@ def generate(
     the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
     (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
-    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py` (about 7 a
-    layer instead of 12) in a CUDA graph of its own. Default: on for a lone prompt on a GPU, the
+    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py` (6 a layer,
+    not ~12) in a CUDA graph of its own. Default: on for a lone prompt on a GPU, the
     one case where they were measured faster (docs/performance.md).
     """
     config = model.config
