@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
-# Launch settings, chosen on an H200 (docs/benchmarks.md): at batch 1 each kernel is a few
-# microseconds of dependent memory round trips, so fewer, wider K blocks win.
+# Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 or 8
+# warps a program were slower at both batch 1 and 32.
 MAX_BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -51,7 +51,8 @@ def supported(config) -> bool:
 
 
 def block_rows(batch_size: int) -> int:
-    """Rows every kernel computes: the batch rounded up to a tensor-core tile (16) or power of two."""
+    """Rows every buffer holds: the batch rounded up to a tensor-core tile (16) or a power of two.
+    The padded rows are computed in registers but never read from or written to memory."""
     return max(16, pl.next_power_of_2(batch_size))
 
 
