@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
-# Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 or 8
-# warps a program were slower at both batch 1 and 32.
+# Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 were no
+# faster at batch 1 and far slower at batch 32; 8 warps a program were slower at both.
 MAX_BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 3
