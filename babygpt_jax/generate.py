@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from babygpt.kernel_blocks import supported
 from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts, prefill_length
 from babygpt_jax.model import GPT
 
@@ -202,11 +203,7 @@ def generate(
 
 
 def _kernels_fit(model) -> bool:
-    if jax.default_backend() != "gpu" or model.dtype != jnp.bfloat16:
-        return False
-    from babygpt_jax import kernels
-
-    return kernels.supported(model.config)
+    return jax.default_backend() == "gpu" and model.dtype == jnp.bfloat16 and supported(model.config)
 
 
 @functools.cache

@@ -33,7 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
+from babygpt.kernel_blocks import block_k, block_rows
+
 # Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 were no
 # faster at batch 1 and far slower at batch 32; 8 warps a program were slower at both.
 MAX_BLOCK_K = 256
@@ -42,26 +43,6 @@ NUM_STAGES = 3
 BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
 BLOCK_S = 64  # cache slots per attention step
 _BF16, _F32 = jnp.bfloat16, jnp.float32
-
-
-def supported(config) -> bool:
-    """Whether these kernels fit a model: widths in whole K blocks, a power-of-two head size."""
-    hs = config.head_dim
-    return config.bias and config.n_embd % BLOCK_K == 0 and hs >= 16 and hs & (hs - 1) == 0
-
-
-def block_rows(batch_size: int) -> int:
-    """Rows every buffer holds: the batch rounded up to a tensor-core tile (16) or a power of two.
-    The padded rows are computed in registers but never read from or written to memory."""
-    return max(16, pl.next_power_of_2(batch_size))
-
-
-def block_k(K: int) -> int:
-    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
-    whole = pl.next_power_of_2(K)
-    if whole <= MAX_BLOCK_K:
-        return whole
-    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
 def _call(kernel, **kwargs):
@@ -217,7 +198,7 @@ def ln_linear(
         args.append(bias)
     valid_n = valid_n if valid_n is not None and valid_n < N else None
     kernel = functools.partial(
-        _ln_linear_kernel, eps=eps, rows=rows, gelu=gelu, valid_n=valid_n, bk=block_k(K)
+        _ln_linear_kernel, eps=eps, rows=rows, gelu=gelu, valid_n=valid_n, bk=block_k(K, MAX_BLOCK_K)
     )
     return _call(
         kernel,
@@ -235,7 +216,7 @@ def linear_residual(h, weight, bias, x, rows, *, block_n=None):
     N, block_n = weight.shape[0], block_n or BLOCK_N
     columns = pl.BlockSpec((BM, block_n), lambda j: (0, j))
     return _call(
-        functools.partial(_linear_residual_kernel, rows=rows, bk=block_k(K)),
+        functools.partial(_linear_residual_kernel, rows=rows, bk=block_k(K, MAX_BLOCK_K)),
         grid=(N // block_n,),
         in_specs=[
             pl.BlockSpec((BM, K), lambda j: (0, 0)),

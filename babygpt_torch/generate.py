@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from babygpt.kernel_blocks import supported
 from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts
 from babygpt_torch.model import GPT
 
@@ -191,11 +192,11 @@ def generate(
 
 def _kernels_fit(model) -> bool:
     try:
-        from babygpt_torch import kernels
-    except ImportError:  # no triton
+        from babygpt_torch import kernels  # noqa: F401 (whether triton is there)
+    except ImportError:
         return False
     weights = model.lm_head.weight.dtype
-    return weights in (torch.float32, torch.bfloat16) and kernels.supported(model.config)
+    return weights in (torch.float32, torch.bfloat16) and supported(model.config)
 
 
 @functools.lru_cache(maxsize=4)

@@ -39,9 +39,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from babygpt.kernel_blocks import BLOCK_K, block_k, block_rows  # noqa: E402
 from babygpt_torch.model import GPT  # noqa: E402
 
-BLOCK_K = 64  # every GPT-2 width (768, 1024, 1280, 1600, and 3C, 4C, the padded vocabulary) divides by 64
 # Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 were no
 # faster at batch 1 and far slower at batch 32; 8 warps a program were slower at both.
 MAX_BLOCK_K = 256
@@ -50,26 +50,6 @@ NUM_STAGES = 3
 BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
 BLOCK_S = 64  # cache slots per attention step
 _DOT = tl.bfloat16 if torch.cuda.is_available() else tl.float32
-
-
-def supported(config) -> bool:
-    """Whether these kernels fit a model: widths in whole K blocks, a power-of-two head size."""
-    hs = config.head_dim
-    return config.bias and config.n_embd % BLOCK_K == 0 and hs >= 16 and hs & (hs - 1) == 0
-
-
-def block_rows(batch_size: int) -> int:
-    """Rows every buffer holds: the batch rounded up to a tensor-core tile (16) or a power of two.
-    The padded rows are computed in registers but never read from or written to memory."""
-    return max(16, triton.next_power_of_2(batch_size))
-
-
-def block_k(K: int) -> int:
-    """K in one block where it fits MAX_BLOCK_K (masked past K), else the widest block dividing K."""
-    whole = triton.next_power_of_2(K)
-    if whole <= MAX_BLOCK_K:
-        return whole
-    return next(b for b in (MAX_BLOCK_K, 512, 256, 128, BLOCK_K) if b <= MAX_BLOCK_K and K % b == 0)
 
 
 @triton.jit
@@ -214,7 +194,7 @@ def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, 
     N, block_n = weight.shape[0], block_n or BLOCK_N
     _ln_linear_kernel[(N // block_n,)](
         x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, rows,
-        K, N, BM, block_n, block_k(K), bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
+        K, N, BM, block_n, block_k(K, MAX_BLOCK_K), bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out
@@ -235,7 +215,7 @@ def linear_residual(h, weight, bias, x, rows: int, *, block_n=None) -> torch.Ten
         N,
         BM,
         block_n,
-        block_k(K),
+        block_k(K, MAX_BLOCK_K),
         _DOT,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,

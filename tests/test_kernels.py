@@ -355,3 +355,14 @@ def test_jax_generate_fused_gives_the_plain_greedy_tokens(pk):
     streamed = []  # the per-token path (a callback) takes the kernels too
     fused = generate(model, PROMPTS, 8, temperature=0.0, fused=True, on_token=lambda r, t: streamed.append(t))
     assert fused == plain and len(streamed) == sum(map(len, plain))
+
+
+def test_block_arithmetic_for_the_gpt2_widths():
+    from babygpt.config import ModelConfig as M
+    from babygpt.kernel_blocks import block_k, block_rows, supported
+
+    assert [block_k(K, 256) for K in (768, 3072, 1600, 6400, 192)] == [256, 256, 64, 256, 256]
+    assert [block_k(K, 1024) for K in (768, 3072, 1600)] == [1024, 1024, 64]
+    assert [block_rows(b) for b in (1, 16, 17, 32)] == [16, 16, 32, 32]
+    assert all(supported(M.preset(p)) for p in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
+    assert not supported(M(n_embd=32, n_head=2)) and not supported(M(bias=False))
