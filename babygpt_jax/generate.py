@@ -147,7 +147,10 @@ def generate(
         padded[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     prefill, step, decode_loop, window_step, weights_of = _compiled_steps(
-        graphdef, top_k is not None or top_p is not None, fused
+        graphdef,
+        temperature == 0,
+        top_k is not None or top_p is not None,
+        fused,
     )
     tokens, lengths_arr = jnp.asarray(padded[:, : S + 1]), jnp.asarray(lengths, jnp.int32)
     chunk = tokens[:, : prefill_length(shortest, S)]
@@ -207,9 +210,10 @@ def _kernels_fit(model) -> bool:
 
 
 @functools.cache
-def _compiled_steps(graphdef, filtered: bool, fused: bool = False):
+def _compiled_steps(graphdef, greedy: bool, filtered: bool, fused: bool = False):
     """The jitted prefill, decode step, whole decode loop and window step for one model structure
-    (and filters), and `weights_of(state)`: what the fused kernels read (None without them)."""
+    (greedy or sampled, and filters), and `weights_of(state)`: what the fused kernels read (None
+    without them). Greedy is compiled apart: a greedy step draws no random numbers."""
     from babygpt_jax import kernels
 
     def model_of(state):
@@ -221,7 +225,10 @@ def _compiled_steps(graphdef, filtered: bool, fused: bool = False):
         """The token every row holds at `pos`: its prompt's while inside it, else a sample."""
         temperature, top_k, top_p = settings
         filters = (top_k, top_p) if filtered else (None, None)
-        sampled = sample(logits, jax.random.fold_in(key, pos), temperature, *filters)
+        if greedy:
+            sampled = jnp.argmax(logits, axis=-1)
+        else:
+            sampled = sample(logits, jax.random.fold_in(key, pos), temperature, *filters)
         prompt_token = jnp.take(tokens, pos, axis=1, mode="clip")
         return jnp.where(pos < lengths, prompt_token, sampled).astype(jnp.int32)
 

@@ -12,13 +12,15 @@ kernels:
     linear_residual  the MLP's second matmul and bias, into the residual stream
 
 plus the embedding (left to XLA, which fuses it into one kernel) and `ln_linear` with the tied
-table as the head. Each kernel computes the same expression as the module it replaces in
-bfloat16: LayerNorm and the residual stream in float32, bfloat16 matmul inputs and outputs
-accumulated in float32 (tested against those expressions in tests/test_kernels.py). The mirror of
-`babygpt_torch/kernels.py` (Triton): the same kernels, the same blocks; Pallas lowers them to
-Triton on a GPU. Not a lesson file: `babygpt_jax/generate.py` uses `fused_decode` for a lone
-prompt on a GPU (1,946 against 1,898 new tokens/s on an H200, within the run-to-run spread; at
-batch 32 it is 9% slower: docs/performance.md) and `model.decode` everywhere else.
+table as the head. Each matmul is a matrix times one vector per row, computed as dot products on
+CUDA cores, BLOCK_N columns a program (`babygpt/kernel_blocks.py` says why and how fast). Each
+kernel computes the same expression as the module it replaces in bfloat16: LayerNorm and the
+residual stream in float32, bfloat16 matmul inputs and outputs, float32 sums (tested against those
+expressions in tests/test_kernels.py). The mirror of `babygpt_torch/kernels.py` (Triton): the same
+kernels, the same blocks; Pallas lowers them to Triton on a GPU. Not a lesson file:
+`babygpt_jax/generate.py` uses `fused_decode` for a lone prompt on a GPU (FUSED_B1 against
+PLAIN_B1 new tokens/s on an H200: docs/performance.md) and `model.decode` everywhere else: a batch
+reads each weight once per row here, once in all in XLA's GEMMs.
 
 Without a GPU the kernels run in Pallas' interpret mode, which is how the tests check them on a CPU.
 """
@@ -33,22 +35,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from babygpt.kernel_blocks import block_k, block_rows
+from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS
 
-# Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 were no
-# faster at batch 1 and far slower at batch 32; 8 warps a program were slower at both.
-MAX_BLOCK_K = 256
-NUM_WARPS = 4
-NUM_STAGES = 3
-BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
-BLOCK_S = 64  # cache slots per attention step
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
-def _call(kernel, **kwargs):
+def _call(kernel, num_warps=4, **kwargs):
     """pl.pallas_call, compiled to Triton on a GPU and interpreted elsewhere."""
     gpu = jax.default_backend() == "gpu"
-    params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES) if gpu else None
+    params = plgpu.CompilerParams(num_warps=num_warps) if gpu else None
     return pl.pallas_call(kernel, interpret=not gpu, compiler_params=params, **kwargs)
 
 
@@ -56,72 +51,65 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
 
 
-def _dot_t(a, b):
-    """a @ b.T in float32: b is (BN, BK), rows of an (N, K) weight."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+def _chunk(ref, k, *rows):
+    """ref[*rows, k-th chunk of BLOCK_K] as float32, masked past K (the last chunk may pass it)."""
+    K = ref.shape[-1]
+    start = pl.multiple_of(k * BLOCK_K, BLOCK_K)
+    shape = (*ref.shape[len(rows) : -1], BLOCK_K)
+    at = ref.at[(*rows, *(slice(None),) * (len(shape) - 1), pl.ds(start, BLOCK_K))]
+    inside = jnp.broadcast_to(start + jnp.arange(BLOCK_K) < K, shape)
+    return plgpu.load(at, mask=inside, other=0.0).astype(_F32)
 
 
-def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, rows, gelu, valid_n, bk):
+def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
     *bias_ref, out_ref = refs
-    (BM, K), BN = x_ref.shape, w_ref.shape[0]
-    real = (jnp.arange(BM) < rows)[:, None]  # padded rows are neither read nor written: no memory traffic
-    block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
-    inside = lambda k: (k * bk + jnp.arange(bk) < K)[None, :]  # a block may be wider than K (one for 768)
-    masked = lambda ref, k, rows_mask: plgpu.load(
-        ref.at[:, block(k)], mask=jnp.broadcast_to(rows_mask & inside(k), (ref.shape[0], bk)), other=0.0
-    )
-    x_at = lambda k: masked(x_ref, k, real).astype(_F32)  # (BM, BK)
+    (B, K), BN = x_ref.shape, w_ref.shape[0]
+    chunks = pl.cdiv(K, BLOCK_K)
+    cols = pl.program_id(0) * BN + jnp.arange(BN)
 
-    # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
-    def stats(k, carry):
-        x = x_at(k)
-        return carry[0] + x.sum(axis=1), carry[1] + (x * x).sum(axis=1)
+    def row_body(row, carry):  # one row at batch 1; a few rows re-read w from the cache
+        # LayerNorm statistics, recomputed by each program (a row is a few KB), in one pass.
+        def stats(k, sums):
+            x = _chunk(x_ref, k, row)
+            return sums[0] + x.sum(), sums[1] + (x * x).sum()
 
-    zeros = jnp.zeros(BM, _F32)
-    total, squares = lax.fori_loop(0, pl.cdiv(K, bk), stats, (zeros, zeros))
-    mean = total / K
-    rstd = lax.rsqrt(squares / K - mean * mean + eps)
+        total, squares = lax.fori_loop(0, chunks, stats, (jnp.float32(0), jnp.float32(0)))
+        mean = total / K
+        rstd = lax.rsqrt(squares / K - mean * mean + eps)
 
-    def body(k, acc):
-        w = masked(w_ref, k, True)  # (BN, BK): rows of an (N, K) weight
-        g, b = (
-            plgpu.load(ref.at[block(k)], mask=inside(k)[0], other=0.0).astype(_F32) for ref in (g_ref, b_ref)
-        )
-        x = (x_at(k) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]  # 0 past K, where g and b are
-        return acc + _dot_t(x.astype(_BF16), w)
+        def dot(k, acc):
+            w = _chunk(w_ref, k)  # (BN, BK): rows of an (N, K) weight
+            x = (_chunk(x_ref, k, row) - mean) * rstd * _chunk(g_ref, k) + _chunk(b_ref, k)  # 0 past K
+            return acc + (w * x.astype(_BF16).astype(_F32)[None, :]).sum(axis=1)  # bfloat16 products
 
-    acc = lax.fori_loop(0, pl.cdiv(K, bk), body, jnp.zeros((BM, BN), _F32))
-    if bias_ref:  # the bias added in bfloat16, as torch's autocast does
-        acc += bias_ref[0][...].astype(_BF16).astype(_F32)[None, :]
-    out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
-    if gelu:
-        out = _gelu_tanh(out).astype(_BF16).astype(_F32)
-    if valid_n is not None:  # the head: padded vocabulary entries get no probability
-        cols = pl.program_id(0) * BN + jnp.arange(BN)
-        out = jnp.where(cols[None, :] < valid_n, out, -jnp.inf)
-    plgpu.store(out_ref, out.astype(out_ref.dtype), mask=jnp.broadcast_to(real, (BM, BN)))
+        acc = lax.fori_loop(0, chunks, dot, jnp.zeros(BN, _F32))
+        if bias_ref:  # the bias added in bfloat16, as torch's autocast does
+            acc += bias_ref[0][...].astype(_BF16).astype(_F32)
+        out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
+        if gelu:
+            out = _gelu_tanh(out).astype(_BF16).astype(_F32)
+        if valid_n is not None:  # the head: padded vocabulary entries get no probability
+            out = jnp.where(cols < valid_n, out, -jnp.inf)
+        out_ref[row, :] = out.astype(out_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, B, row_body, 0)
 
 
-def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref, *, rows, bk):
+def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref):
     """x[:, n-block] + h @ w[n-block].T + bias, written over x (aliased): each program reads and
     writes only its columns."""
-    BM, K = h_ref.shape
-    BN = w_ref.shape[0]
-    real = (jnp.arange(BM) < rows)[:, None]
-    block = lambda k: pl.ds(pl.multiple_of(k * bk, bk), bk)
-    inside = lambda k: (k * bk + jnp.arange(bk) < K)[None, :]
+    (B, K), BN = h_ref.shape, w_ref.shape[0]
 
-    def body(k, acc):
-        w = plgpu.load(w_ref.at[:, block(k)], mask=jnp.broadcast_to(inside(k), (BN, bk)), other=0.0)
-        h = plgpu.load(h_ref.at[:, block(k)], mask=jnp.broadcast_to(real & inside(k), (BM, bk)), other=0.0)
-        return acc + _dot_t(h, w)
+    def row_body(row, carry):
+        dot = lambda k, acc: acc + (_chunk(w_ref, k) * _chunk(h_ref, k, row)[None, :]).sum(axis=1)
+        acc = lax.fori_loop(0, pl.cdiv(K, BLOCK_K), dot, jnp.zeros(BN, _F32))
+        acc += bias_ref[...].astype(_BF16).astype(_F32)
+        out_ref[row, :] = x_ref[row, :] + acc.astype(_BF16).astype(_F32)
+        return carry
 
-    acc = lax.fori_loop(0, pl.cdiv(K, bk), body, jnp.zeros((BM, BN), _F32))
-    acc += bias_ref[...].astype(_BF16).astype(_F32)[None, :]
-    mask = jnp.broadcast_to(real, (BM, BN))
-    x = plgpu.load(x_ref, mask=mask, other=0.0)
-    plgpu.store(out_ref, x + acc.astype(_BF16).astype(_F32), mask=mask)
+    lax.fori_loop(0, B, row_body, 0)
 
 
 def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, part_ref, k_out, v_out, *, block_s):
@@ -155,7 +143,7 @@ def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, part_ref, k_out, v_
     scores = jnp.where(slots <= pos, scores, -jnp.inf)
     m = scores.max()
     p = jnp.exp(scores - jnp.where(m > -jnp.inf, m, 0.0))  # all 0 in a block past pos
-    cols = pl.ds(head * HS, HS)  # part is (3, blocks, BM, C): max, normaliser, weighted sum
+    cols = pl.ds(head * HS, HS)  # part is (3, blocks, B, C): max, normaliser, weighted sum
     part_ref[0, block, row, cols] = jnp.zeros(HS, _F32) + m
     part_ref[1, block, row, cols] = jnp.zeros(HS, _F32) + p.sum()
     part_ref[2, block, row, cols] = (p[:, None] * v.astype(_F32)).sum(axis=0)
@@ -183,45 +171,38 @@ def _combine_kernel(part_ref, pos_ref, y_ref, *, block_s, head_size):
     y_ref[row, cols] = (acc / norm).astype(y_ref.dtype)
 
 
-def ln_linear(
-    x, ln_scale, ln_bias, weight, bias, rows, *, eps, gelu=False, valid_n=None, block_n=16, out_dtype=_BF16
-):
-    """act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32, weight
-    (N, K) bfloat16 -> (BM, N)."""
-    BM, K = x.shape
-    N, block_n = weight.shape[0], block_n or BLOCK_N
+def ln_linear(x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=None, out_dtype=_BF16):
+    """act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16 -> (B, N)."""
+    (B, K), N = x.shape, weight.shape[0]
     whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
-    in_specs = [whole(BM, K), whole(K), whole(K), pl.BlockSpec((block_n, K), lambda j: (j, 0))]
+    in_specs = [whole(B, K), whole(K), whole(K), pl.BlockSpec((BLOCK_N, K), lambda j: (j, 0))]
     args = [x, ln_scale, ln_bias, weight]
     if bias is not None:
-        in_specs.append(pl.BlockSpec((block_n,), lambda j: (j,)))
+        in_specs.append(pl.BlockSpec((BLOCK_N,), lambda j: (j,)))
         args.append(bias)
     valid_n = valid_n if valid_n is not None and valid_n < N else None
-    kernel = functools.partial(
-        _ln_linear_kernel, eps=eps, rows=rows, gelu=gelu, valid_n=valid_n, bk=block_k(K, MAX_BLOCK_K)
-    )
     return _call(
-        kernel,
-        grid=(N // block_n,),
+        functools.partial(_ln_linear_kernel, eps=eps, gelu=gelu, valid_n=valid_n),
+        num_warps=LN_WARPS,
+        grid=(N // BLOCK_N,),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((BM, block_n), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((BM, N), out_dtype),
+        out_specs=pl.BlockSpec((B, BLOCK_N), lambda j: (0, j)),
+        out_shape=jax.ShapeDtypeStruct((B, N), out_dtype),
     )(*args)
 
 
-def linear_residual(h, weight, bias, x, rows, *, block_n=None):
-    """x + h @ weight.T + bias for the first `rows` rows, in x's buffer: h (BM, K) bfloat16,
-    weight (N, K), x (BM, N) float32."""
-    BM, K = h.shape
-    N, block_n = weight.shape[0], block_n or BLOCK_N
-    columns = pl.BlockSpec((BM, block_n), lambda j: (0, j))
+def linear_residual(h, weight, bias, x):
+    """x + h @ weight.T + bias, in x's buffer: h (B, K) bfloat16, weight (N, K), x (B, N) float32."""
+    (B, K), N = h.shape, weight.shape[0]
+    columns = pl.BlockSpec((B, BLOCK_N), lambda j: (0, j))
     return _call(
-        functools.partial(_linear_residual_kernel, rows=rows, bk=block_k(K, MAX_BLOCK_K)),
-        grid=(N // block_n,),
+        _linear_residual_kernel,
+        num_warps=RESIDUAL_WARPS,
+        grid=(N // BLOCK_N,),
         in_specs=[
-            pl.BlockSpec((BM, K), lambda j: (0, 0)),
-            pl.BlockSpec((block_n, K), lambda j: (j, 0)),
-            pl.BlockSpec((block_n,), lambda j: (j,)),
+            pl.BlockSpec((B, K), lambda j: (0, 0)),
+            pl.BlockSpec((BLOCK_N, K), lambda j: (j, 0)),
+            pl.BlockSpec((BLOCK_N,), lambda j: (j,)),
             columns,
         ],
         out_specs=columns,
@@ -234,17 +215,16 @@ def attention_blocks(cache_len: int) -> int:
     return pl.cdiv(cache_len, BLOCK_S)
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
-    """(y (BM, C), k_cache, v_cache): attention for qkv (BM, 3C) over the (B, S, nh, hs) cache,
+def decode_attention(qkv, k_cache, v_cache, pos):
+    """(y (B, C), k_cache, v_cache): attention for qkv (B, 3C) over the (B, S, nh, hs) cache,
     which gains this position's keys and values (in place: the caches are aliased)."""
-    BM = qkv.shape[0]
-    _, S, n_head, hs = k_cache.shape
+    B, S, n_head, hs = k_cache.shape
     NB = attention_blocks(S)
     part, k_cache, v_cache = _call(
         functools.partial(_decode_attention_kernel, block_s=BLOCK_S),
-        grid=(rows, n_head, NB),
+        grid=(B, n_head, NB),
         out_shape=(
-            jax.ShapeDtypeStruct((3, NB, BM, n_head * hs), _F32),
+            jax.ShapeDtypeStruct((3, NB, B, n_head * hs), _F32),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
         ),
@@ -252,8 +232,8 @@ def decode_attention(qkv, k_cache, v_cache, pos, rows: int):
     )(qkv, pos, k_cache, v_cache)
     y = _call(
         functools.partial(_combine_kernel, block_s=BLOCK_S, head_size=hs),
-        grid=(rows, n_head),
-        out_shape=jax.ShapeDtypeStruct((BM, n_head * hs), qkv.dtype),
+        grid=(B, n_head),
+        out_shape=jax.ShapeDtypeStruct((B, n_head * hs), qkv.dtype),
     )(part, pos)
     return y, k_cache, v_cache
 
@@ -277,24 +257,17 @@ def fused_decode(model, weights: dict, token, kv_cache, pos):
     """`model.decode(token[:, None], kv_cache, pos)` in the kernels above: (B, V) float32 logits
     for one token per row (B,) at position pos, and the cache extended by it."""
     c, h = model.config, model.transformer
-    B = token.shape[0]
-    BM = block_rows(B)
     x = h.wte.embedding[...][token].astype(_F32) + h.wpe.embedding[...][pos].astype(_F32)  # (B, C)
-    x = jnp.pad(x, ((0, BM - B), (0, 0)))  # (BM, C): the kernels' row tile; padded rows are never read
     ln = lambda norm: (norm.scale[...], norm.bias[...])
     eps = c.layer_norm_epsilon
     new_cache = []
     for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, kv_cache)):
         attn, mlp = block.attn, block.mlp
-        qkv = ln_linear(x, *ln(block.ln_1), weights[f"{i}.c_attn"], attn.c_attn.bias[...], B, eps=eps)
-        y, k_cache, v_cache = decode_attention(qkv, k_cache, v_cache, pos, B)
-        x = linear_residual(y, weights[f"{i}.attn_proj"], attn.c_proj.bias[...], x, B)
-        hidden = ln_linear(
-            x, *ln(block.ln_2), weights[f"{i}.c_fc"], mlp.c_fc.bias[...], B, eps=eps, gelu=True
-        )
-        x = linear_residual(hidden, weights[f"{i}.mlp_proj"], mlp.c_proj.bias[...], x, B)
+        qkv = ln_linear(x, *ln(block.ln_1), weights[f"{i}.c_attn"], attn.c_attn.bias[...], eps=eps)
+        y, k_cache, v_cache = decode_attention(qkv, k_cache, v_cache, pos)
+        x = linear_residual(y, weights[f"{i}.attn_proj"], attn.c_proj.bias[...], x)
+        hidden = ln_linear(x, *ln(block.ln_2), weights[f"{i}.c_fc"], mlp.c_fc.bias[...], eps=eps, gelu=True)
+        x = linear_residual(hidden, weights[f"{i}.mlp_proj"], mlp.c_proj.bias[...], x)
         new_cache.append((k_cache, v_cache))
-    logits = ln_linear(
-        x, *ln(h.ln_f), weights["head"], None, B, eps=eps, valid_n=c.vocab_size, block_n=64, out_dtype=_F32
-    )
-    return logits[:B], new_cache
+    logits = ln_linear(x, *ln(h.ln_f), weights["head"], None, eps=eps, valid_n=c.vocab_size, out_dtype=_F32)
+    return logits, new_cache

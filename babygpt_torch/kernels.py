@@ -11,20 +11,21 @@ takes ~3 us whatever it reads (docs/performance.md). Here a layer is six kernels
     ln_linear        LayerNorm, then the MLP's first matmul, bias and GELU (B, C) -> (B, 4C)
     linear_residual  the MLP's second matmul and bias, into the residual stream
 
-plus `embed` before the layers and `ln_linear` with the tied table as the head. Each kernel
-computes the same expression as the module it replaces under bfloat16 autocast: LayerNorm and the
-residual stream in float32, bfloat16 matmul inputs and outputs accumulated in float32 (tested
-against those expressions in tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py`
-(Pallas): the same kernels, the same blocks. Not a lesson file: `babygpt_torch/generate.py` uses
-`FusedDecoder` for a lone prompt on a GPU, the one case where it was measured faster (2,218
-against 1,927 new tokens/s on an H200; at batch 32 it is 8% slower: docs/performance.md), and
-`model.decode` everywhere else.
+plus `embed` before the layers and `ln_linear` with the tied table as the head. Each matmul is
+a matrix times one vector per row, computed as dot products on CUDA cores, BLOCK_N columns a
+program (`babygpt/kernel_blocks.py` says why and how fast). Each kernel computes the same
+expression as the module it replaces under bfloat16 autocast: LayerNorm and the residual stream
+in float32, bfloat16 matmul inputs and outputs, float32 sums (tested against those expressions in
+tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py` (Pallas): the same kernels, the
+same blocks. Not a lesson file: `babygpt_torch/generate.py` uses `FusedDecoder` for a lone prompt
+on a GPU, where it was measured faster (FUSED_B1 against PLAIN_B1 new tokens/s on an H200:
+docs/performance.md), and `model.decode` everywhere else: a batch reads each weight once per row
+here, once in all in cuBLAS's GEMMs.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
-check them on a CPU. The interpreter multiplies bfloat16 tiles as raw integers, so there the
-matmuls take float32 operands (`_DOT`), and it rounds to bfloat16 by truncating: the tests check
-the indexing, masking and arithmetic to a few bfloat16 steps, the GPU run checks the bfloat16
-tensor-core path.
+check them on a CPU. The interpreter rounds to bfloat16 by truncating where a GPU rounds to
+nearest: the tests check the indexing, masking and arithmetic to a few bfloat16 steps, the GPU run
+checks the compiled kernels.
 """
 
 from __future__ import annotations
@@ -39,17 +40,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from babygpt.kernel_blocks import BLOCK_K, block_k, block_rows  # noqa: E402
+from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS  # noqa: E402
 from babygpt_torch.model import GPT  # noqa: E402
-
-# Launch settings, the best of a sweep on an H200 (docs/benchmarks.md): K blocks of 1024 were no
-# faster at batch 1 and far slower at batch 32; 8 warps a program were slower at both.
-MAX_BLOCK_K = 256
-NUM_WARPS = 4
-NUM_STAGES = 3
-BLOCK_N = 16  # output columns per program: the most programs a 16-wide tensor-core tile allows
-BLOCK_S = 64  # cache slots per attention step
-_DOT = tl.bfloat16 if torch.cuda.is_available() else tl.float32
 
 
 @triton.jit
@@ -61,68 +53,63 @@ def _gelu_tanh(x):
 @triton.jit
 def _ln_linear_kernel(
     x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps, rows,
-    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr, DOT: tl.constexpr,
+    K: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr,
 ):  # fmt: skip
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
-    r = tl.arange(0, BM)
-    real = (r < rows)[:, None]  # padded rows are neither read nor written: no memory traffic
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    # LayerNorm statistics of every row, recomputed by each program (x is (B, K): a few KB), in one pass.
-    total, squares = tl.zeros((BM,), tl.float32), tl.zeros((BM,), tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real & (ks < K)[None, :], other=0.0)
-        total += tl.sum(x, axis=1)
-        squares += tl.sum(x * x, axis=1)
-    mean = total / K
-    rstd = 1.0 / tl.sqrt(squares / K - mean * mean + eps)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        inside = (ks < K)[None, :]  # a block may be wider than K (one block for K = 768)
-        w = tl.load(
-            w_ptr + cols[:, None] * K + ks[None, :], mask=inside, other=0.0
-        )  # (BN, BK): rows of (N, K)
-        x = tl.load(x_ptr + r[:, None] * K + ks[None, :], mask=real & inside, other=0.0)
-        g, b = tl.load(g_ptr + ks, mask=ks < K, other=0.0), tl.load(b_ptr + ks, mask=ks < K, other=0.0)
-        x = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]  # 0 past K, where g and b are
-        acc += tl.dot(x.to(tl.bfloat16).to(DOT), tl.trans(w.to(DOT)))
-    if HAS_BIAS:  # autocast adds the bias in bfloat16
-        acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
-    out = acc.to(tl.bfloat16).to(tl.float32)  # autocast's bfloat16 matmul output
-    if GELU:
-        out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
-    if VALID_N < N:  # the head: padded vocabulary entries get no probability
-        out = tl.where(cols[None, :] < VALID_N, out, float("-inf"))
-    tl.store(out_ptr + r[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=real)
+    for row in range(rows):  # one row at batch 1; a few rows re-read w from the cache
+        x_row = x_ptr + row * K
+        # LayerNorm statistics, recomputed by each program (a row is a few KB), in one pass.
+        total, squares = tl.zeros((), tl.float32), tl.zeros((), tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            x = tl.load(x_row + ks, mask=ks < K, other=0.0)
+            total += tl.sum(x, axis=0)
+            squares += tl.sum(x * x, axis=0)
+        mean = total / K
+        rstd = 1.0 / tl.sqrt(squares / K - mean * mean + eps)
+        acc = tl.zeros((BN,), tl.float32)
+        for k0 in tl.static_range(0, K, BK):  # unrolled: every chunk's load in flight at once
+            ks = k0 + tl.arange(0, BK)
+            inside = ks < K  # the last chunk may pass K
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside[None, :], other=0.0)  # (BN, BK)
+            x = tl.load(x_row + ks, mask=inside, other=0.0)
+            g, b = tl.load(g_ptr + ks, mask=inside, other=0.0), tl.load(b_ptr + ks, mask=inside, other=0.0)
+            x = ((x - mean) * rstd * g + b).to(tl.bfloat16).to(tl.float32)  # 0 past K, where g and b are
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # bfloat16 products, float32 sums
+        if HAS_BIAS:  # autocast adds the bias in bfloat16
+            acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)
+        out = acc.to(tl.bfloat16).to(tl.float32)  # autocast's bfloat16 matmul output
+        if GELU:
+            out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
+        if VALID_N < N:  # the head: padded vocabulary entries get no probability
+            out = tl.where(cols < VALID_N, out, float("-inf"))
+        tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _linear_residual_kernel(
-    h_ptr, w_ptr, bias_ptr, x_ptr, rows,
-    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    DOT: tl.constexpr,
-):  # fmt: skip
+    h_ptr, w_ptr, bias_ptr, x_ptr, rows, K: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
     """x[:, n-block] += h @ w[n-block].T + bias, in place: each program reads and writes only its columns."""
-    r = tl.arange(0, BM)
-    real = (r < rows)[:, None]
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        inside = (ks < K)[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside, other=0.0)
-        h = tl.load(h_ptr + r[:, None] * K + ks[None, :], mask=real & inside, other=0.0)
-        acc += tl.dot(h.to(DOT), tl.trans(w.to(DOT)))
-    acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
-    x = x_ptr + r[:, None] * N + cols[None, :]
-    tl.store(x, tl.load(x, mask=real) + acc.to(tl.bfloat16).to(tl.float32), mask=real)
+    for row in range(rows):
+        acc = tl.zeros((BN,), tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            inside = ks < K
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside[None, :], other=0.0)
+            h = tl.load(h_ptr + row * K + ks, mask=inside, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)
+        x = x_ptr + row * N + cols
+        tl.store(x, tl.load(x) + acc.to(tl.bfloat16).to(tl.float32))
 
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, part_ptr, scale, BM,
+    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, part_ptr, scale, B,
     C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr,
 ):  # fmt: skip
     """One (row, head, block of BS cache slots): this block's share of attention for the new token.
@@ -152,24 +139,24 @@ def _decode_attention_kernel(
     scores = tl.where(slots <= pos, scores, float("-inf"))
     m = tl.max(scores, axis=0)
     p = tl.exp(scores - tl.where(m > float("-inf"), m, 0.0))  # all 0 in a block past pos
-    out = part_ptr + (block * BM + row) * C + head * HS + d  # part is (3, NB, BM, C): max, normaliser, sum
+    out = part_ptr + (block * B + row) * C + head * HS + d  # part is (3, NB, B, C): max, normaliser, sum
     tl.store(out, tl.zeros((HS,), tl.float32) + m)
-    tl.store(out + NB * BM * C, tl.zeros((HS,), tl.float32) + tl.sum(p, axis=0))
-    tl.store(out + 2 * NB * BM * C, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
+    tl.store(out + NB * B * C, tl.zeros((HS,), tl.float32) + tl.sum(p, axis=0))
+    tl.store(out + 2 * NB * B * C, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
 
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, pos_ptr, y_ptr, BM, C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr
+    part_ptr, pos_ptr, y_ptr, B, C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr
 ):
     """One (row, head): the blocks' shares merged into softmax(scores) @ values, as bfloat16."""
     row, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HS)
     at = part_ptr + row * C + head * HS + d  # block 0, which always holds slot 0
-    m, norm, acc = tl.load(at), tl.load(at + NB * BM * C), tl.load(at + 2 * NB * BM * C)
+    m, norm, acc = tl.load(at), tl.load(at + NB * B * C), tl.load(at + 2 * NB * B * C)
     for block in range(1, tl.load(pos_ptr) // BS + 1):  # the blocks up to pos
-        at = part_ptr + (block * BM + row) * C + head * HS + d
-        m_b, norm_b, acc_b = tl.load(at), tl.load(at + NB * BM * C), tl.load(at + 2 * NB * BM * C)
+        at = part_ptr + (block * B + row) * C + head * HS + d
+        m_b, norm_b, acc_b = tl.load(at), tl.load(at + NB * B * C), tl.load(at + 2 * NB * B * C)
         m_new = tl.maximum(m, m_b)
         old, new = tl.exp(m - m_new), tl.exp(m_b - m_new)
         norm, acc, m = norm * old + norm_b * new, acc * old + acc_b * new, m_new
@@ -182,43 +169,28 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
     row = tl.program_id(0)
     pos = tl.load(pos_ptr)
     token = tl.load(tokens_ptr + row * stride + pos)
-    for k0 in range(0, C, BK):
+    for k0 in tl.static_range(0, C, BK):
         d = k0 + tl.arange(0, BK)
-        tl.store(x_ptr + row * C + d, tl.load(wte_ptr + token * C + d) + tl.load(wpe_ptr + pos * C + d))
+        inside = d < C
+        wte, wpe = tl.load(wte_ptr + token * C + d, mask=inside), tl.load(wpe_ptr + pos * C + d, mask=inside)
+        tl.store(x_ptr + row * C + d, wte + wpe, mask=inside)
 
 
-def ln_linear(x, ln, weight, bias, out, rows: int, *, gelu=False, valid_n=None, block_n=None) -> torch.Tensor:
-    """out = act(LayerNorm(x) @ weight.T + bias) for x's first `rows` rows: x (BM, K) float32,
-    weight (N, K) bfloat16, out (BM, N)."""
-    BM, K = x.shape
-    N, block_n = weight.shape[0], block_n or BLOCK_N
-    _ln_linear_kernel[(N // block_n,)](
-        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, rows,
-        K, N, BM, block_n, block_k(K, MAX_BLOCK_K), bias is not None, gelu, N if valid_n is None else valid_n, _DOT,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:
+    """out = act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16, out (B, N)."""
+    (B, K), N = x.shape, weight.shape[0]
+    _ln_linear_kernel[(N // BLOCK_N,)](
+        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, B,
+        K, N, BLOCK_N, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, num_warps=LN_WARPS,
     )  # fmt: skip
     return out
 
 
-def linear_residual(h, weight, bias, x, rows: int, *, block_n=None) -> torch.Tensor:
-    """x += h @ weight.T + bias for the first `rows` rows, in place: h (BM, K) bfloat16, weight (N, K),
-    x (BM, N) float32."""
-    BM, K = h.shape
-    N, block_n = weight.shape[0], block_n or BLOCK_N
-    _linear_residual_kernel[(N // block_n,)](
-        h,
-        weight,
-        bias,
-        x,
-        rows,
-        K,
-        N,
-        BM,
-        block_n,
-        block_k(K, MAX_BLOCK_K),
-        _DOT,
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+def linear_residual(h, weight, bias, x) -> torch.Tensor:
+    """x += h @ weight.T + bias, in place: h (B, K) bfloat16, weight (N, K), x (B, N) float32."""
+    (B, K), N = h.shape, weight.shape[0]
+    _linear_residual_kernel[(N // BLOCK_N,)](
+        h, weight, bias, x, B, K, N, BLOCK_N, BLOCK_K, num_warps=RESIDUAL_WARPS
     )
     return x
 
@@ -227,20 +199,21 @@ def attention_blocks(cache_len: int) -> int:
     return triton.cdiv(cache_len, BLOCK_S)
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, y, part, rows: int) -> torch.Tensor:
-    """y (BM, C) from qkv (BM, 3C) and the (B, nh, S, hs) cache, which gains this position's keys
-    and values; part is (3, attention_blocks(S), BM, C) float32 scratch."""
-    _, n_head, S, hs = k_cache.shape
-    BM, C, NB = qkv.shape[0], n_head * hs, part.shape[1]
-    grid = (rows, n_head, NB)
-    _decode_attention_kernel[grid](qkv, k_cache, v_cache, pos, part, hs**-0.5, BM, C, S, hs, BLOCK_S, NB)
-    _combine_kernel[(rows, n_head)](part, pos, y, BM, C, hs, BLOCK_S, NB)
+def decode_attention(qkv, k_cache, v_cache, pos, y, part) -> torch.Tensor:
+    """y (B, C) from qkv (B, 3C) and the (B, nh, S, hs) cache, which gains this position's keys
+    and values; part is (3, attention_blocks(S), B, C) float32 scratch."""
+    B, n_head, S, hs = k_cache.shape
+    C, NB = n_head * hs, part.shape[1]
+    _decode_attention_kernel[(B, n_head, NB)](
+        qkv, k_cache, v_cache, pos, part, hs**-0.5, B, C, S, hs, BLOCK_S, NB
+    )
+    _combine_kernel[(B, n_head)](part, pos, y, B, C, hs, BLOCK_S, NB)
     return y
 
 
-def embed(tokens, pos, wte, wpe, x, rows: int) -> torch.Tensor:
-    """x (BM, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
-    _embed_kernel[(rows,)](tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K)
+def embed(tokens, pos, wte, wpe, x) -> torch.Tensor:
+    """x (B, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
+    _embed_kernel[(x.shape[0],)](tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K)
     return x
 
 
@@ -267,13 +240,13 @@ class FusedDecoder:
 
     def __init__(self, model: GPT, batch_size: int, cache_len: int):
         c = model.config
-        self.model, self.rows = model, batch_size
-        BM, C, device = block_rows(batch_size), c.n_embd, model.lm_head.weight.device
+        self.model = model
+        B, C, device = batch_size, c.n_embd, model.lm_head.weight.device
         new = lambda *shape, dtype=torch.bfloat16: torch.zeros(shape, dtype=dtype, device=device)
-        self.x = new(BM, C, dtype=torch.float32)  # the residual stream
-        self.qkv, self.y, self.h = new(BM, 3 * C), new(BM, C), new(BM, 4 * C)
-        self.part = new(3, attention_blocks(cache_len), BM, C, dtype=torch.float32)  # attention's blocks
-        self.out = new(BM, c.padded_vocab_size, dtype=torch.float32)  # logits
+        self.x = new(B, C, dtype=torch.float32)  # the residual stream
+        self.qkv, self.y, self.h = new(B, 3 * C), new(B, C), new(B, 4 * C)
+        self.part = new(3, attention_blocks(cache_len), B, C, dtype=torch.float32)  # attention's blocks
+        self.out = new(B, c.padded_vocab_size, dtype=torch.float32)  # logits
         self.weights = decode_weights(model)
 
     @torch.no_grad()
@@ -285,18 +258,16 @@ class FusedDecoder:
     def logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """(B, V) float32 logits for the token every row of tokens (B, S + 1) holds at pos (1,)."""
         h, w, c = self.model.transformer, self.weights, self.model.config
-        x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x, self.rows)  # float32 tables, as in decode
+        x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x)  # float32 tables, as in decode
         for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
             p = f"transformer.h.{i}."
-            B = self.rows
-            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv, B)
-            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.part, B)
-            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x, B)
-            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, B, gelu=True)
-            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x, B)
+            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv)
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.part)
+            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x)
+            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, gelu=True)
+            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x)
         head = w["transformer.wte.weight"]  # the tied table
-        ln_linear(x, h.ln_f, head, None, self.out, self.rows, valid_n=c.vocab_size, block_n=64)
-        return self.out[: self.rows]
+        return ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size)
 
 
 def cuda_graph(fn):
