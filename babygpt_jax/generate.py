@@ -27,6 +27,12 @@ from babygpt_jax.model import GPT
 
 # The fewest rows decoded at once, per JAX backend (a batch of one is padded with copies).
 MIN_ROWS = {"gpu": 4}
+# On a GPU, XLA replays the decode loop's body as a CUDA graph, but by default returns to the host
+# for each loop test; with WHILE and CONDITIONAL the whole loop is one graph (XLA's defaults plus
+# those two; a CPU ignores them). docs/performance.md has the measurement.
+LOOP_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"
+}
 
 
 def load_model(path: str | Path) -> GPT:
@@ -302,7 +308,7 @@ def _compiled_steps(graphdef, greedy: bool, filtered: bool, fused: bool = False)
     return (
         jax.jit(prefill, donate_argnums=1),
         jax.jit(step, donate_argnums=2),
-        jax.jit(decode_loop, donate_argnums=4),
+        jax.jit(decode_loop, donate_argnums=4, compiler_options=LOOP_OPTIONS),
         jax.jit(window_step),
         jax.jit(weights_of),
     )

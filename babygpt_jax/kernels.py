@@ -51,39 +51,38 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
 
 
-def _chunk(ref, k, *rows):
-    """ref[*rows, k-th chunk of BLOCK_K] as float32, masked past K (the last chunk may pass it)."""
+def _chunk(ref, k0, *rows):
+    """ref[*rows, k0 : k0 + BLOCK_K] as float32, 0 past K. Pallas refuses a static slice that
+    starts inside the ref and ends past it, so a last chunk that would pass K is read as the
+    BLOCK_K columns ending at K, its overlap with the chunk before masked (Triton masks instead)."""
     K = ref.shape[-1]
-    start = pl.multiple_of(k * BLOCK_K, BLOCK_K)
+    start = max(min(k0, K - BLOCK_K), 0)  # K < BLOCK_K: one chunk from 0, masked past K
+    cols = start + jnp.arange(BLOCK_K)
     shape = (*ref.shape[len(rows) : -1], BLOCK_K)
     at = ref.at[(*rows, *(slice(None),) * (len(shape) - 1), pl.ds(start, BLOCK_K))]
-    inside = jnp.broadcast_to(start + jnp.arange(BLOCK_K) < K, shape)
-    return plgpu.load(at, mask=inside, other=0.0).astype(_F32)
+    keep = jnp.broadcast_to((cols >= k0) & (cols < K), shape)
+    return plgpu.load(at, mask=keep, other=0.0).astype(_F32)
 
 
 def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
     *bias_ref, out_ref = refs
     (B, K), BN = x_ref.shape, w_ref.shape[0]
-    chunks = pl.cdiv(K, BLOCK_K)
     cols = pl.program_id(0) * BN + jnp.arange(BN)
 
     def row_body(row, carry):  # one row at batch 1; a few rows re-read w from the cache
         # LayerNorm statistics, recomputed by each program (a row is a few KB), in one pass.
-        def stats(k, sums):
-            x = _chunk(x_ref, k, row)
-            return sums[0] + x.sum(), sums[1] + (x * x).sum()
-
-        total, squares = lax.fori_loop(0, chunks, stats, (jnp.float32(0), jnp.float32(0)))
+        total, squares = jnp.float32(0), jnp.float32(0)
+        for k0 in range(0, K, BLOCK_K):
+            x = _chunk(x_ref, k0, row)
+            total, squares = total + x.sum(), squares + (x * x).sum()
         mean = total / K
         rstd = lax.rsqrt(squares / K - mean * mean + eps)
-
-        def dot(k, acc):
-            w = _chunk(w_ref, k)  # (BN, BK): rows of an (N, K) weight
-            x = (_chunk(x_ref, k, row) - mean) * rstd * _chunk(g_ref, k) + _chunk(b_ref, k)  # 0 past K
-            return acc + (w * x.astype(_BF16).astype(_F32)[None, :]).sum(axis=1)  # bfloat16 products
-
-        acc = lax.fori_loop(0, chunks, dot, jnp.zeros(BN, _F32))
+        acc = jnp.zeros(BN, _F32)
+        for k0 in range(0, K, BLOCK_K):  # unrolled: every chunk's load in flight at once
+            w = _chunk(w_ref, k0)  # (BN, BK): rows of an (N, K) weight
+            x = (_chunk(x_ref, k0, row) - mean) * rstd * _chunk(g_ref, k0) + _chunk(b_ref, k0)  # 0 past K
+            acc += (w * x.astype(_BF16).astype(_F32)[None, :]).sum(axis=1)  # bfloat16 products, float32 sums
         if bias_ref:  # the bias added in bfloat16, as torch's autocast does
             acc += bias_ref[0][...].astype(_BF16).astype(_F32)
         out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
@@ -103,8 +102,9 @@ def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref):
     (B, K), BN = h_ref.shape, w_ref.shape[0]
 
     def row_body(row, carry):
-        dot = lambda k, acc: acc + (_chunk(w_ref, k) * _chunk(h_ref, k, row)[None, :]).sum(axis=1)
-        acc = lax.fori_loop(0, pl.cdiv(K, BLOCK_K), dot, jnp.zeros(BN, _F32))
+        acc = jnp.zeros(BN, _F32)
+        for k0 in range(0, K, BLOCK_K):
+            acc += (_chunk(w_ref, k0) * _chunk(h_ref, k0, row)[None, :]).sum(axis=1)
         acc += bias_ref[...].astype(_BF16).astype(_F32)
         out_ref[row, :] = x_ref[row, :] + acc.astype(_BF16).astype(_F32)
         return carry

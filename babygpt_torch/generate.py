@@ -255,7 +255,8 @@ def _compiled_steps(
         from babygpt_torch import kernels
 
         decoder = kernels.FusedDecoder(model, batch_size, cache_len)
-        logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811 (greedy_step calls it too)
+        logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811
+        greedy_step = lambda: decoder.greedy(tokens, lengths, pos, cache)  # noqa: F811
         graphed = (kernels.cuda_graph(logits_at), kernels.cuda_graph(greedy_step))
         return buffers, (decoder.refresh, graphed[0], commit, graphed[1], window_logits)
     if not compile:

@@ -176,6 +176,23 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
         tl.store(x_ptr + row * C + d, wte + wpe, mask=inside)
 
 
+@triton.jit
+def _greedy_kernel(logits_ptr, tokens_ptr, lengths_ptr, pos_ptr, stride, V: tl.constexpr, BV: tl.constexpr):
+    """tokens[row, pos + 1] = the row's prompt token while inside its prompt, else argmax(logits[row])."""
+    row = tl.program_id(0)
+    best, best_at = float("-inf"), 0
+    for v0 in range(0, V, BV):
+        values = tl.load(
+            logits_ptr + row * V + v0 + tl.arange(0, BV), mask=v0 + tl.arange(0, BV) < V, other=float("-inf")
+        )
+        top = tl.max(values, axis=0)
+        if top > best:  # strictly: the first of equal values wins, as in torch.argmax
+            best, best_at = top, v0 + tl.argmax(values, axis=0)
+    at = tokens_ptr + row * stride + tl.load(pos_ptr) + 1
+    inside = tl.load(pos_ptr) + 1 < tl.load(lengths_ptr + row)
+    tl.store(at, tl.where(inside, tl.load(at), best_at.to(tl.int64)))
+
+
 def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:
     """out = act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16, out (B, N)."""
     (B, K), N = x.shape, weight.shape[0]
@@ -215,6 +232,15 @@ def embed(tokens, pos, wte, wpe, x) -> torch.Tensor:
     """x (B, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
     _embed_kernel[(x.shape[0],)](tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K)
     return x
+
+
+def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
+    """Write every row's token at pos + 1 (tokens is (B, S + 1)): its prompt's while inside it,
+    else the argmax of its logits (B, V). One kernel for what is 6 in torch (argmax, then the
+    prompt-or-choice write): XLA fuses the same steps of JAX's loop on its own."""
+    B, V = logits.shape
+    _greedy_kernel[(B,)](logits, tokens, lengths, pos, tokens.stride(0), V, BLOCK_K)
+    return tokens
 
 
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
@@ -268,6 +294,10 @@ class FusedDecoder:
             linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x)
         head = w["transformer.wte.weight"]  # the tied table
         return ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size)
+
+    def greedy(self, tokens: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, cache) -> None:
+        """Every row's token at pos + 1: its prompt's (lengths (B,)) while inside it, else the argmax."""
+        greedy(self.logits(tokens, pos, cache), tokens, lengths, pos)
 
 
 def cuda_graph(fn):

@@ -137,6 +137,22 @@ def test_triton_embed_reads_each_rows_token_at_pos(tk):
     assert torch.equal(x, wte[tokens[:, 7]] + wpe[7])
 
 
+def test_triton_greedy_writes_the_argmax_or_the_prompt_token(tk, monkeypatch):
+    monkeypatch.setattr(tk, "BLOCK_K", 64)  # V = 200: three whole chunks and a part
+    torch.manual_seed(0)
+    logits = torch.randn(4, 200)
+    logits[0, 100] = logits[0, 150] = 9.0  # a tie across chunks: the first wins, as in torch.argmax
+    logits[1, 3] = 9.0  # in the first chunk
+    logits[2, 199] = 9.0  # the last entry of the partial chunk
+    tokens = torch.randint(0, 200, (4, 9))
+    before = tokens.clone()
+    lengths = torch.tensor([2, 6, 1, 7])  # rows 1 and 3 are still inside their prompts at pos + 1 = 5
+    tk.greedy(logits, tokens, lengths, torch.tensor([4]))
+    expected = before.clone()
+    expected[[0, 2], 5] = torch.tensor([100, 199])
+    assert torch.equal(tokens, expected)
+
+
 @pytest.fixture
 def fewer_programs(monkeypatch):
     """Whole-model tests run every kernel many times; interpreted, each program is Python, so wider
