@@ -151,12 +151,10 @@ def generate(
     padded = np.zeros((rows, max(S, last) + 1), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
-    graphdef, state = nnx.split(model)
+    # A Module is a pytree: the jitted steps take it whole (jax.jit flattens GPT-2 124M in ~1 ms,
+    # where nnx.split walks its object graph in Python in ~5 ms: a cost on every call).
     prefill, step, decode_loop, window_step, weights_of = _compiled_steps(
-        graphdef,
-        temperature == 0,
-        top_k is not None or top_p is not None,
-        fused,
+        temperature == 0, top_k is not None or top_p is not None, fused
     )
     tokens, lengths_arr = jnp.asarray(padded[:, : S + 1]), jnp.asarray(lengths, jnp.int32)
     chunk = tokens[:, : prefill_length(shortest, S)]
@@ -173,7 +171,7 @@ def generate(
         ends = (lengths_arr + max_new_tokens - 1).at[B:].set(-1)  # each row's last position
         stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no token id matches
         padded[:, : S + 1] = decode_loop(
-            state,
+            model,
             chunk,
             jnp.int32(shortest),
             jnp.int32(cached_last),
@@ -190,15 +188,15 @@ def generate(
                 break
     else:
         cache = model.init_cache(rows, S, model.dtype)
-        cache, token = prefill(state, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
-        weights = weights_of(state)  # once per call, not once per token
+        cache, token = prefill(model, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
+        weights = weights_of(model)  # once per call, not once per token
         for pos in range(shortest, cached_last + 1):
             padded[:, pos] = np.asarray(token)
             collector.add(pos, padded[:B, pos].tolist())
             if collector.finished or pos == cached_last:
                 break
             cache, token = step(
-                state, weights, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings
+                model, weights, cache, token, jnp.int32(pos), tokens, lengths_arr, key, settings
             )
 
     # Past the context every row samples (prompts fit it), one full forward over its window each.
@@ -206,7 +204,7 @@ def generate(
         if collector.finished:
             break
         window = jnp.asarray(padded[:, pos - config.block_size : pos])  # (B, block_size)
-        padded[:, pos] = np.asarray(window_step(state, window, jnp.int32(pos), key, settings))
+        padded[:, pos] = np.asarray(window_step(model, window, jnp.int32(pos), key, settings))
         collector.add(pos, padded[:B, pos].tolist())
     return collector.tokens
 
@@ -216,15 +214,18 @@ def _kernels_fit(model) -> bool:
 
 
 @functools.cache
-def _compiled_steps(graphdef, greedy: bool, filtered: bool, fused: bool = False):
-    """The jitted prefill, decode step, whole decode loop and window step for one model structure
-    (greedy or sampled, and filters), and `weights_of(state)`: what the fused kernels read (None
-    without them). Greedy is compiled apart: a greedy step draws no random numbers."""
+def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
+    """The jitted prefill, decode step, whole decode loop and window step (greedy or sampled, and
+    filters), each taking the model as its first argument (jax.jit compiles them once per model
+    structure), and `weights_of(model)`: what the fused kernels read (None without them). Greedy
+    is compiled apart: a greedy step draws no random numbers."""
     from babygpt_jax import kernels
 
-    def model_of(state):
-        model = nnx.merge(graphdef, state)
-        model.eval()  # no dropout while sampling
+    def eval_mode(model):
+        """A copy of the traced model without dropout; the caller's model keeps its mode. Runs
+        while tracing only: the split and merge cost nothing per call."""
+        model = nnx.merge(*nnx.split(model))  # a copy this trace may change
+        model.eval()
         return model
 
     def choose(logits, pos, tokens, lengths, key, settings):
@@ -238,42 +239,42 @@ def _compiled_steps(graphdef, greedy: bool, filtered: bool, fused: bool = False)
         prompt_token = jnp.take(tokens, pos, axis=1, mode="clip")
         return jnp.where(pos < lengths, prompt_token, sampled).astype(jnp.int32)
 
-    def prefill(state, cache, chunk, n, tokens, lengths, key, settings):
+    def prefill(model, cache, chunk, n, tokens, lengths, key, settings):
         # chunk (B, width) is the prompts past the shortest one's n tokens too: their keys and
         # values are overwritten by the decode steps before any step can attend to them.
-        logits, cache = model_of(state).decode(chunk, cache, 0)  # (B, width, V)
+        logits, cache = eval_mode(model).decode(chunk, cache, 0)  # (B, width, V)
         last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
         return cache, choose(last_logits, n, tokens, lengths, key, settings)
 
-    def weights_of(state):
-        return kernels.decode_weights(model_of(state)) if fused else None
+    def weights_of(model):
+        return kernels.decode_weights(eval_mode(model)) if fused else None
 
-    def step(state, weights, cache, token, pos, tokens, lengths, key, settings):
+    def step(model, weights, cache, token, pos, tokens, lengths, key, settings):
         if fused:  # the same step in hand-written kernels (kernels.py)
-            logits, cache = kernels.fused_decode(model_of(state), weights, token, cache, pos)  # (B, V)
+            logits, cache = kernels.fused_decode(eval_mode(model), weights, token, cache, pos)  # (B, V)
         else:
-            logits, cache = model_of(state).decode(token[:, None], cache, pos)  # (B, 1, V)
+            logits, cache = eval_mode(model).decode(token[:, None], cache, pos)  # (B, 1, V)
             logits = logits[:, 0]
         return cache, choose(logits, pos + 1, tokens, lengths, key, settings)
 
-    def decode_loop(state, chunk, n, last, tokens, lengths, ends, stop, key, settings):
+    def decode_loop(model, chunk, n, last, tokens, lengths, ends, stop, key, settings):
         """Prefill, then decode steps in a `lax.while_loop` until position `last` or every row is done.
 
         The cache is made and consumed inside, so it never leaves the device; the loop carries it,
         the (B, S + 1) tokens, a done-mask and the position. Returns the tokens.
         """
         B, S = tokens.shape[0], tokens.shape[1] - 1
-        model = model_of(state)
+        model = eval_mode(model)
 
         def write(tokens, token, pos):
             done = (pos >= ends) | ((pos >= lengths) & (token == stop))  # (B,)
             return jax.lax.dynamic_update_index_in_dim(tokens, token, pos, axis=1), done
 
         cache, token = prefill(
-            state, model.init_cache(B, S, model.dtype), chunk, n, tokens, lengths, key, settings
+            model, model.init_cache(B, S, model.dtype), chunk, n, tokens, lengths, key, settings
         )
         tokens, done = write(tokens, token, n)
-        weights = weights_of(state)
+        weights = weights_of(model)
 
         def not_done(carry):
             pos, _, _, done = carry
@@ -282,18 +283,18 @@ def _compiled_steps(graphdef, greedy: bool, filtered: bool, fused: bool = False)
         def body(carry):
             pos, cache, tokens, done = carry
             token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
-            cache, token = step(state, weights, cache, token, pos, tokens, lengths, key, settings)
+            cache, token = step(model, weights, cache, token, pos, tokens, lengths, key, settings)
             tokens, now_done = write(tokens, token, pos + 1)
             return pos + 1, cache, tokens, done | now_done
 
         return jax.lax.while_loop(not_done, body, (n, cache, tokens, done))[2]
 
-    def window_step(state, window, pos, key, settings):
+    def window_step(model, window, pos, key, settings):
         """The token every row holds at `pos`, from a full forward over the (B, block_size) window
         of tokens before it: past the context, where every row samples."""
         temperature, top_k, top_p = settings
         filters = (top_k, top_p) if filtered else (None, None)
-        model = model_of(state)
+        model = eval_mode(model)
         h = model.transformer
         # GPT._logits with the tied head on the last position only, as nanoGPT's forward does at
         # inference: the head over every position would cost most of the forward on a small model.

@@ -177,20 +177,28 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
 
 
 @triton.jit
-def _greedy_kernel(logits_ptr, tokens_ptr, lengths_ptr, pos_ptr, stride, V: tl.constexpr, BV: tl.constexpr):
-    """tokens[row, pos + 1] = the row's prompt token while inside its prompt, else argmax(logits[row])."""
+def _argmax_blocks_kernel(logits_ptr, best_ptr, at_ptr, V: tl.constexpr, BV: tl.constexpr, NBV: tl.constexpr):
+    """One (row, block of BV logits): the block's largest logit and where it is (the first, if tied)."""
+    row, block = tl.program_id(0), tl.program_id(1)
+    v = block * BV + tl.arange(0, BV)
+    values = tl.load(logits_ptr + row * V + v, mask=v < V, other=float("-inf"))
+    tl.store(best_ptr + row * NBV + block, tl.max(values, axis=0))
+    tl.store(at_ptr + row * NBV + block, block * BV + tl.argmax(values, axis=0, tie_break_left=True))
+
+
+@triton.jit
+def _greedy_kernel(
+    best_ptr, at_ptr, tokens_ptr, lengths_ptr, pos_ptr, stride, NBV: tl.constexpr, BB: tl.constexpr
+):
+    """tokens[row, pos + 1] = the row's prompt token while inside its prompt, else its argmax: the
+    first block holding the largest logit, that block's first (as torch.argmax and jnp.argmax)."""
     row = tl.program_id(0)
-    best, best_at = float("-inf"), 0
-    for v0 in range(0, V, BV):
-        values = tl.load(
-            logits_ptr + row * V + v0 + tl.arange(0, BV), mask=v0 + tl.arange(0, BV) < V, other=float("-inf")
-        )
-        top = tl.max(values, axis=0)
-        if top > best:  # strictly: the first of equal values wins, as in torch.argmax
-            best, best_at = top, v0 + tl.argmax(values, axis=0)
+    b = tl.arange(0, BB)
+    best = tl.load(best_ptr + row * NBV + b, mask=b < NBV, other=float("-inf"))
+    token = tl.load(at_ptr + row * NBV + tl.argmax(best, axis=0, tie_break_left=True))
     at = tokens_ptr + row * stride + tl.load(pos_ptr) + 1
     inside = tl.load(pos_ptr) + 1 < tl.load(lengths_ptr + row)
-    tl.store(at, tl.where(inside, tl.load(at), best_at.to(tl.int64)))
+    tl.store(at, tl.where(inside, tl.load(at), token.to(tl.int64)))
 
 
 def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:
@@ -236,10 +244,14 @@ def embed(tokens, pos, wte, wpe, x) -> torch.Tensor:
 
 def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
     """Write every row's token at pos + 1 (tokens is (B, S + 1)): its prompt's while inside it,
-    else the argmax of its logits (B, V). One kernel for what is 6 in torch (argmax, then the
-    prompt-or-choice write): XLA fuses the same steps of JAX's loop on its own."""
+    else the argmax of its logits (B, V). Two kernels for what is 6 in torch (the argmax, one block
+    of the GPU for 50k logits, then the prompt-or-choice write); XLA fuses JAX's on its own."""
     B, V = logits.shape
-    _greedy_kernel[(B,)](logits, tokens, lengths, pos, tokens.stride(0), V, BLOCK_K)
+    NBV = triton.cdiv(V, BLOCK_K)
+    best = torch.empty(B, NBV, device=logits.device)  # in a CUDA graph, from the graph's own pool
+    at = torch.empty(B, NBV, dtype=torch.int32, device=logits.device)
+    _argmax_blocks_kernel[(B, NBV)](logits, best, at, V, BLOCK_K, NBV)
+    _greedy_kernel[(B,)](best, at, tokens, lengths, pos, tokens.stride(0), NBV, triton.next_power_of_2(NBV))
     return tokens
 
 

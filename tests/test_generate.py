@@ -351,7 +351,7 @@ def test_crop_and_bucket_lengths():
 def test_jax_steps_compile_once_per_bucket(models):
     """A new prompt length, max_new_tokens, stop token or sampling value in the same bucket reuses
     the compiled steps, the whole decode loop included."""
-    steps = jgen._compiled_steps(nnx.split(models["jax"])[0], False, True, False)
+    steps = jgen._compiled_steps(False, True, False)
     generate("jax", models, PROMPTS, 3, top_k=5, seed=1)
     before = [f._cache_size() for f in steps]
     generate("jax", models, [[1], [2, 3], [4, 5, 6, 7, 8]], 5, top_k=9, top_p=0.5, temperature=0.3, seed=2)
