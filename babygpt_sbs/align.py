@@ -69,12 +69,15 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     },
     ("kernels", "jax"): {
         "_call": "a Pallas kernel runs through pl.pallas_call, compiled to Triton on a GPU or interpreted, by one switch; a Triton kernel is launched on its grid directly",
-        "_dot_t": "Pallas multiplies by a transposed tile through lax.dot_general; Triton writes tl.dot(a, tl.trans(b)) inline",
+        "_chunk": "Pallas refuses a static slice that runs past a ref, so a K chunk is read in bounds and masked by one helper; Triton masks a load's pointers inline",
         "fused_decode": "the decode step as a function of weights and cache that returns the new cache; torch's FusedDecoder.logits writes fixed buffers in place",
     },
     ("kernels", "torch"): {
         "_embed_kernel": "the embedding lookup as one kernel; XLA fuses JAX's jnp expression into one by itself",
         "embed": "launches _embed_kernel; XLA fuses JAX's jnp expression into one kernel by itself",
+        "_argmax_blocks_kernel": "torch's argmax over 50k logits is one thread block, so the greedy token has kernels of its own; XLA's argmax reduction in JAX's loop is already fast",
+        "_greedy_kernel": "the greedy token written in place into the token buffer; JAX's loop writes it with dynamic_update_slice, fused by XLA",
+        "greedy": "launches the two greedy kernels; JAX's loop picks the token with jnp.argmax",
         "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",
         "cuda_graph": "torch records the step once and replays it per token; JAX runs the whole decode loop as one compiled while loop",
     },
