@@ -1,2 +1,3 @@
-"""babygpt_bench: the side-by-side benchmark (`bench`), its trace profiler (`profile`) and the GPU
-parity check (`gpu_check`): tools that measure both backends, apart from the parity tests."""
+"""babygpt_bench: the side-by-side benchmark (`bench`), its trace profiler (`profile`), the GPU
+parity check (`gpu_check`) and the decode kernels' launch-setting sweep (`kernel_sweep`): tools
+that measure both backends, apart from the parity tests."""

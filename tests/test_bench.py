@@ -486,3 +486,20 @@ def test_format_summary_lists_categories_and_heaviest_kernels():
         "->",
         "Pinned)",
     ]  # 4 us over 2 steps: 0.002 ms and half a call per step
+
+
+def test_kernel_sweep_checks_every_setting_against_f_linear(tmp_path):
+    """Without CUDA the sweep runs its settings in Triton's interpreter: each must compute the same
+    matmul as F.linear (a few bfloat16 steps: the interpreter truncates where a GPU rounds), and
+    nothing is timed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "babygpt_bench.kernel_sweep", "--preset", "tiny", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    shapes = ["qkv", "fc", "head", "proj", "mlp_proj"]
+    assert list(dict.fromkeys(r["shape"] for r in rows)) == shapes
+    triton = [r for r in rows if r["kernel"] == "triton"]
+    assert len(triton) == 2 * len(shapes) and all(r["us"] is None for r in rows)
+    assert all(r["rel_error"] <= 4 * 2.0**-8 for r in triton), [r["rel_error"] for r in triton]
