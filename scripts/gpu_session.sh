@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: set up, check, and time everything that needs a GPU, logging under
 # $OUT (or out/gpu). Parts: smoke | bench | generate | train | parity | dist | nanogpt | profile |
-# genprofile | genxla | generate-big | xla | sweep | fsdp2 | fsdpprobe | xl | xlremat (default: the first seven).
+# genprofile | kernelsweep | generate-big | xla | sweep | fsdp2 | fsdpprobe | xl | xlremat (default: the first seven).
 #   bash scripts/gpu_session.sh bench generate
 # The device tool brings back at most 8 files from $OUT, so the results also go into one results.tgz.
 set -uo pipefail
@@ -47,8 +47,8 @@ genprofile)  # where a decoded token's time goes: kernels per new token in both 
   run python3 -m babygpt_bench.bench --mode generate --backend jax,torch --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/genprofile" --profile /tmp/gprof
   for b in 1 32; do echo "--- torch host ops, batch $b"; head -30 /tmp/gprof/torch-generate-b$b/torch_ops.txt | cut -c1-190 | tee -a "$OUT/session.log"; done
   ;;
-genxla)  # JAX decoding with the whole while loop as a CUDA graph (XLA command buffers with WHILE)
-  run env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" python3 -m babygpt_bench.bench --mode generate --backend jax --batch 1,32 --prompt-len 128 --new-tokens 256 --steps 3 --out "$OUT/genxla"
+kernelsweep)  # the fused decode kernels' launch settings against cuBLAS (babygpt/kernel_blocks.py)
+  run python3 -m babygpt_bench.kernel_sweep --out "$OUT/kernel-sweep"
   ;;
 generate-big)  # decoding for the 350M and 774M presets
   for preset in gpt2-medium gpt2-large; do
