@@ -16,18 +16,9 @@ LN_WARPS = 2  # warps per program: LayerNorm + matmul
 RESIDUAL_WARPS = 4  # matmul + residual add
 BLOCK_S = 64  # cache slots per attention program
 
-# A batch multiplies on tensor cores instead: one program per TILE_M rows (fewer rows: their power
-# of two, from 16) and TILE_N columns, so each weight is read once per TILE_M rows, not once per row.
-TILE_FROM = 8  # rows from which the tensor-core kernels are used
-TILE_M = 32
-TILE_N = 32
-TILE_K = 128
-TILE_WARPS = 4
-
 
 def supported(config) -> bool:
     """Whether the kernels fit a model: widths in whole column blocks, a power-of-two head size."""
     hs = config.head_dim
     widths = (config.n_embd, config.padded_vocab_size)
-    blocks = max(BLOCK_N, TILE_N)
-    return config.bias and all(w % blocks == 0 for w in widths) and hs >= 16 and hs & (hs - 1) == 0
+    return config.bias and all(w % BLOCK_N == 0 for w in widths) and hs >= 16 and hs & (hs - 1) == 0

@@ -1,16 +1,15 @@
 """The fused decode kernels' launch settings, swept: where `babygpt/kernel_blocks.py` came from.
 
-    python -m babygpt_bench.kernel_sweep [--preset gpt2] [--batch 1] [--out out/kernel-sweep]
+    python -m babygpt_bench.kernel_sweep [--preset gpt2] [--out out/kernel-sweep]
 
-Times the decode matmul kernels of `babygpt_torch/kernels.py` at a preset's shapes (LayerNorm +
-matmul for QKV, for FC + GELU and for the head; matmul + residual add for both projections), each
-as 100 launches in one CUDA graph, beside cuBLAS's `F.linear` on the same bfloat16 rows. Below
-TILE_FROM rows it sweeps the CUDA-core kernels' BLOCK_N x BLOCK_K x warps, from there the
-tensor-core kernels' TILE_M x TILE_N x TILE_K x warps. Prints the fastest settings per shape and
-writes `sweep.json` (`sweep-b<batch>.json` for a batch other than 1). Triton only:
-`babygpt_jax/kernels.py` is lowered to the same Triton and takes the same settings. Every setting
-is checked against `F.linear` before it is timed. Without CUDA it checks two settings on the
-preset with a 200-token vocabulary in Triton's interpreter and times nothing (what the tests run).
+Times the batch-1 matmul kernels of `babygpt_torch/kernels.py` at a preset's shapes (LayerNorm +
+matmul for QKV, for FC + GELU and for the head; matmul + residual add for both projections) under
+every BLOCK_N x BLOCK_K x warps setting, each as 100 launches in one CUDA graph, beside cuBLAS's
+`F.linear` on the same bfloat16 row. Prints the fastest settings per shape and writes
+`sweep.json`. Triton only: `babygpt_jax/kernels.py` is lowered to the same Triton and takes the
+same settings. Every setting is checked against `F.linear` before it is timed. Without CUDA it
+checks two settings on the preset with a 200-token vocabulary in Triton's interpreter and times
+nothing (what the tests run).
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ from babygpt.config import ModelConfig
 
 GPU_GRID = list(itertools.product((4, 8, 16, 32), (256, 1024), (2, 4, 8)))  # BLOCK_N, BLOCK_K, warps
 CPU_GRID = [(4, 1024, 2), (8, 32, 4)]  # one chunk wider than K; several chunks
-# TILE_M, TILE_N, TILE_K, warps
-GPU_TILE_GRID = list(itertools.product((16, 32), (16, 32, 64), (64, 128, 256), (4, 8)))
-CPU_TILE_GRID = [(16, 32, 1024, 4), (32, 16, 32, 4)]  # two row blocks, one K chunk; one row block, several
 
 
 def time_us(fn, launches: int = 100, replays: int = 10) -> float:
@@ -51,17 +47,17 @@ def time_us(fn, launches: int = 100, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (launches * replays)
 
 
-def _cases(config: ModelConfig, device: str, batch: int):
-    """(shape, K, N, run, result, reference, cuBLAS) for each matmul of a decode step."""
+def _cases(config: ModelConfig, device: str):
+    """(shape, K, N, run, result, reference, cuBLAS) for each matmul of a decode step, batch 1."""
     from babygpt_torch import kernels
 
     C, V = config.n_embd, config.padded_vocab_size
     gen = torch.Generator(device).manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=gen, device=device)
     for name, K, N, gelu in (("qkv", C, 3 * C, False), ("fc", C, 4 * C, True), ("head", C, V, False)):
-        x, ln = randn(batch, K), torch.nn.LayerNorm(K, device=device)
+        x, ln = randn(1, K), torch.nn.LayerNorm(K, device=device)
         weight, bias = (0.02 * randn(N, K)).bfloat16(), None if name == "head" else 0.02 * randn(N)
-        out = torch.zeros(batch, N, device=device, dtype=torch.float32 if bias is None else torch.bfloat16)
+        out = torch.zeros(1, N, device=device, dtype=torch.float32 if bias is None else torch.bfloat16)
         with torch.no_grad():
             row = ln(x).bfloat16()
             expected = F.linear(row, weight, None if bias is None else bias.bfloat16()).float()
@@ -80,10 +76,10 @@ def _cases(config: ModelConfig, device: str, batch: int):
         )
     for name, K, N in (("proj", C, C), ("mlp_proj", 4 * C, C)):
         h, weight, bias, x0 = (
-            randn(batch, K).bfloat16(),
+            randn(1, K).bfloat16(),
             (0.02 * randn(N, K)).bfloat16(),
             0.02 * randn(N),
-            randn(batch, N),
+            randn(1, N),
         )
         x = x0.clone()
         expected = x0 + F.linear(h, weight, bias.bfloat16()).float()
@@ -95,35 +91,24 @@ def _cases(config: ModelConfig, device: str, batch: int):
         yield name, K, N, run, lambda x=x: x, expected, lambda h=h, w=weight: F.linear(h, w)
 
 
-GEMV_NAMES = ("BLOCK_N", "BLOCK_K", "LN_WARPS")  # what a GEMV grid entry sets (and RESIDUAL_WARPS)
-TILE_NAMES = ("TILE_M", "TILE_N", "TILE_K", "TILE_WARPS")
-
-
-def sweep(config: ModelConfig, grid, cuda: bool, batch: int = 1) -> list[dict]:
+def sweep(config: ModelConfig, grid, cuda: bool) -> list[dict]:
     from babygpt_torch import kernels
 
-    tile = batch >= kernels.TILE_FROM
-    names = TILE_NAMES if tile else GEMV_NAMES
-    saved = {k: getattr(kernels, k) for k in (*GEMV_NAMES, "RESIDUAL_WARPS", *TILE_NAMES)}
+    saved = {k: getattr(kernels, k) for k in ("BLOCK_N", "BLOCK_K", "LN_WARPS", "RESIDUAL_WARPS")}
     rows = []
     try:
-        for shape, K, N, run, result, expected, cublas in _cases(config, "cuda" if cuda else "cpu", batch):
-            for setting in grid:
-                if N % setting[-3]:  # columns per program
+        for shape, K, N, run, result, expected, cublas in _cases(config, "cuda" if cuda else "cpu"):
+            for block_n, block_k, warps in grid:
+                if N % block_n:
                     continue
-                for name, value in zip(names, setting):
-                    setattr(kernels, name, value)
-                kernels.RESIDUAL_WARPS = kernels.LN_WARPS
+                kernels.BLOCK_N, kernels.BLOCK_K = block_n, block_k
+                kernels.LN_WARPS = kernels.RESIDUAL_WARPS = warps
                 run()
                 error = ((result() - expected).abs().max() / expected.abs().max()).item()
                 us = time_us(run) if cuda else None
-                rows.append(dict(shape=shape, K=K, N=N, batch=batch, kernel="triton",
-                                 **{n.lower(): v for n, v in zip(names, setting)}, us=us, rel_error=error))  # fmt: skip
-            rows.append(
-                dict(
-                    shape=shape, K=K, N=N, batch=batch, kernel="cublas", us=time_us(cublas) if cuda else None
-                )
-            )
+                rows.append(dict(shape=shape, K=K, N=N, kernel="triton", block_n=block_n, block_k=block_k,
+                                 warps=warps, us=us, rel_error=error))  # fmt: skip
+            rows.append(dict(shape=shape, K=K, N=N, kernel="cublas", us=time_us(cublas) if cuda else None))
     finally:
         for name, value in saved.items():
             setattr(kernels, name, value)
@@ -138,9 +123,7 @@ def summary(rows: list[dict], best: int = 3) -> str:
             what = (
                 "cuBLAS F.linear"
                 if r["kernel"] == "cublas"
-                else "N {block_n} K {block_k} warps {ln_warps}".format(**r)
-                if "block_n" in r
-                else "M {tile_m} N {tile_n} K {tile_k} warps {tile_warps}".format(**r)
+                else "N {block_n} K {block_k} warps {warps}".format(**r)
             )
             lines.append(f"{shape:<9} {r['K']:>6} -> {r['N']:<5} {what:<24} {r['us']:>7.2f}")
     return "\n".join(lines)
@@ -153,30 +136,22 @@ def main() -> None:
     parser.add_argument(
         "--preset", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, small, tiny"
     )
-    parser.add_argument("--batch", type=int, default=1, help="rows decoded at once (default 1)")
     parser.add_argument("--out", default="out/kernel-sweep", help="where sweep.json goes")
     args = parser.parse_args()
-    if args.batch < 1:
-        raise SystemExit("--batch must be at least 1")
-    from babygpt.kernel_blocks import TILE_FROM
-
     cuda = torch.cuda.is_available()
     config = ModelConfig.preset(args.preset, **({} if cuda else {"vocab_size": 200}))
-    tile = args.batch >= TILE_FROM
-    grid = (GPU_TILE_GRID if tile else GPU_GRID) if cuda else (CPU_TILE_GRID if tile else CPU_GRID)
-    rows = sweep(config, grid, cuda, args.batch)
+    rows = sweep(config, GPU_GRID if cuda else CPU_GRID, cuda)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cuda else "cpu (Triton's interpreter: checked, not timed)"
-    name = "sweep.json" if args.batch == 1 else f"sweep-b{args.batch}.json"
-    (out / name).write_text(
-        json.dumps({"preset": args.preset, "batch": args.batch, "device": device, "rows": rows}, indent=1)
+    (out / "sweep.json").write_text(
+        json.dumps({"preset": args.preset, "device": device, "rows": rows}, indent=1)
     )
     if cuda:
         print(summary(rows))
     worst = max(r["rel_error"] for r in rows if r["kernel"] == "triton")
     print(
-        f"{len(rows)} rows, largest error against F.linear {worst:.1e} of the largest output; wrote {out / name}"
+        f"{len(rows)} rows, largest error against F.linear {worst:.1e} of the largest output; wrote {out / 'sweep.json'}"
     )
 
 

@@ -35,18 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from babygpt.kernel_blocks import (
-    BLOCK_K,
-    BLOCK_N,
-    BLOCK_S,
-    LN_WARPS,
-    RESIDUAL_WARPS,
-    TILE_FROM,
-    TILE_K,
-    TILE_M,
-    TILE_N,
-    TILE_WARPS,
-)
+from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
@@ -62,35 +51,17 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
 
 
-def _chunk(ref, k0, *rows, block_k=None, live=True):
-    """ref[*rows, k0 : k0 + block_k] as float32 (block_k: BLOCK_K unless given), 0 past K and where
-    live (a mask broadcast over the chunk) is False. Pallas refuses a static slice that starts inside
-    the ref and ends past it, so a last chunk that would pass K is read as the block_k columns
-    ending at K, its overlap with the chunk before masked (Triton masks instead)."""
-    K, block_k = ref.shape[-1], block_k or BLOCK_K
-    start = max(min(k0, K - block_k), 0)  # K < block_k: one chunk from 0, masked past K
-    cols = start + jnp.arange(block_k)
-    shape = (*ref.shape[len(rows) : -1], block_k)
-    at = ref.at[(*rows, *(slice(None),) * (len(shape) - 1), pl.ds(start, block_k))]
-    keep = jnp.broadcast_to((cols >= k0) & (cols < K) & live, shape)
+def _chunk(ref, k0, *rows):
+    """ref[*rows, k0 : k0 + BLOCK_K] as float32, 0 past K. Pallas refuses a static slice that
+    starts inside the ref and ends past it, so a last chunk that would pass K is read as the
+    BLOCK_K columns ending at K, its overlap with the chunk before masked (Triton masks instead)."""
+    K = ref.shape[-1]
+    start = max(min(k0, K - BLOCK_K), 0)  # K < BLOCK_K: one chunk from 0, masked past K
+    cols = start + jnp.arange(BLOCK_K)
+    shape = (*ref.shape[len(rows) : -1], BLOCK_K)
+    at = ref.at[(*rows, *(slice(None),) * (len(shape) - 1), pl.ds(start, BLOCK_K))]
+    keep = jnp.broadcast_to((cols >= k0) & (cols < K), shape)
     return plgpu.load(at, mask=keep, other=0.0).astype(_F32)
-
-
-def _dot_t(a, b):
-    """a @ b.T on tensor cores: bfloat16 (M, K) and (N, K) in, float32 sums out."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-
-
-def _epilogue(acc, bias_ref, cols, gelu, valid_n):
-    """A matmul's float32 sums (..., BN) as bfloat16 autocast finishes them: bias, output, activation."""
-    if bias_ref:  # the bias added in bfloat16, as torch's autocast does
-        acc += bias_ref[0][...].astype(_BF16).astype(_F32)
-    out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
-    if gelu:
-        out = _gelu_tanh(out).astype(_BF16).astype(_F32)
-    if valid_n is not None:  # the head: padded vocabulary entries get no probability
-        out = jnp.where(cols < valid_n, out, -jnp.inf)
-    return out
 
 
 def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
@@ -112,7 +83,14 @@ def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n):
             w = _chunk(w_ref, k0)  # (BN, BK): rows of an (N, K) weight
             x = (_chunk(x_ref, k0, row) - mean) * rstd * _chunk(g_ref, k0) + _chunk(b_ref, k0)  # 0 past K
             acc += (w * x.astype(_BF16).astype(_F32)[None, :]).sum(axis=1)  # bfloat16 products, float32 sums
-        out_ref[row, :] = _epilogue(acc, bias_ref, cols, gelu, valid_n).astype(out_ref.dtype)
+        if bias_ref:  # the bias added in bfloat16, as torch's autocast does
+            acc += bias_ref[0][...].astype(_BF16).astype(_F32)
+        out = acc.astype(_BF16).astype(_F32)  # the bfloat16 matmul output
+        if gelu:
+            out = _gelu_tanh(out).astype(_BF16).astype(_F32)
+        if valid_n is not None:  # the head: padded vocabulary entries get no probability
+            out = jnp.where(cols < valid_n, out, -jnp.inf)
+        out_ref[row, :] = out.astype(out_ref.dtype)
         return carry
 
     lax.fori_loop(0, B, row_body, 0)
@@ -132,43 +110,6 @@ def _linear_residual_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref):
         return carry
 
     lax.fori_loop(0, B, row_body, 0)
-
-
-def _ln_linear_tile_kernel(x_ref, g_ref, b_ref, w_ref, *refs, eps, gelu, valid_n, rows):
-    """`_ln_linear_kernel` for a batch, on tensor cores: one program per BM rows and BN columns."""
-    *bias_ref, out_ref = refs
-    (BM, K), BN = x_ref.shape, w_ref.shape[0]
-    live = (pl.program_id(0) * BM + jnp.arange(BM) < rows)[:, None]  # rows past B: not read, not written
-    cols = pl.program_id(1) * BN + jnp.arange(BN)
-    total, squares = jnp.zeros((BM, 1), _F32), jnp.zeros((BM, 1), _F32)
-    for k0 in range(0, K, TILE_K):
-        x = _chunk(x_ref, k0, block_k=TILE_K, live=live)
-        total += x.sum(axis=1, keepdims=True)
-        squares += (x * x).sum(axis=1, keepdims=True)
-    mean = total / K
-    rstd = lax.rsqrt(squares / K - mean * mean + eps)
-    acc = jnp.zeros((BM, BN), _F32)
-    for k0 in range(0, K, TILE_K):
-        w = _chunk(w_ref, k0, block_k=TILE_K).astype(_BF16)  # (BN, BK)
-        g, b = _chunk(g_ref, k0, block_k=TILE_K), _chunk(b_ref, k0, block_k=TILE_K)
-        x = (_chunk(x_ref, k0, block_k=TILE_K, live=live) - mean) * rstd * g + b  # (BM, BK), 0 past K
-        acc += _dot_t(x.astype(_BF16), w)  # (BM, BN), float32 sums
-    out = _epilogue(acc, bias_ref, cols[None, :], gelu, valid_n)
-    plgpu.store(out_ref, out.astype(out_ref.dtype), mask=jnp.broadcast_to(live, (BM, BN)))
-
-
-def _linear_residual_tile_kernel(h_ref, w_ref, bias_ref, x_ref, out_ref, *, rows):
-    """`_linear_residual_kernel` for a batch, on tensor cores: one program per BM rows and BN columns."""
-    (BM, K), BN = h_ref.shape, w_ref.shape[0]
-    live = (pl.program_id(0) * BM + jnp.arange(BM) < rows)[:, None]
-    acc = jnp.zeros((BM, BN), _F32)
-    for k0 in range(0, K, TILE_K):
-        w = _chunk(w_ref, k0, block_k=TILE_K).astype(_BF16)
-        acc += _dot_t(_chunk(h_ref, k0, block_k=TILE_K, live=live).astype(_BF16), w)
-    acc += bias_ref[...].astype(_BF16).astype(_F32)[None, :]
-    keep = jnp.broadcast_to(live, (BM, BN))
-    x = plgpu.load(x_ref, mask=keep, other=0.0)
-    plgpu.store(out_ref, x + acc.astype(_BF16).astype(_F32), mask=keep)
 
 
 def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, part_ref, k_out, v_out, *, block_s):
@@ -230,44 +171,22 @@ def _combine_kernel(part_ref, pos_ref, y_ref, *, block_s, head_size):
     y_ref[row, cols] = (acc / norm).astype(y_ref.dtype)
 
 
-def tile_rows(B: int) -> int:
-    """Rows per program of the tensor-core kernels: B's power of two, from 16 (the smallest tile) to TILE_M."""
-    return min(TILE_M, max(16, pl.next_power_of_2(B)))
-
-
-def _grid(B: int, N: int):
-    """(grid, rows of a program, columns of a program, specs maker): CUDA-core dot products below
-    TILE_FROM rows (one program per BLOCK_N columns, every row), tensor-core tiles from there."""
-    if B < TILE_FROM:
-        return (N // BLOCK_N,), B, BLOCK_N, lambda shape, at: pl.BlockSpec(shape, lambda j: at(0, j))
-    BM = tile_rows(B)
-    return (pl.cdiv(B, BM), N // TILE_N), BM, TILE_N, lambda shape, at: pl.BlockSpec(shape, at)
-
-
 def ln_linear(x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=None, out_dtype=_BF16):
-    """act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16 -> (B, N).
-    Dot products on CUDA cores below TILE_FROM rows, tensor-core tiles from there."""
+    """act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16 -> (B, N)."""
     (B, K), N = x.shape, weight.shape[0]
-    grid, BM, BN, spec = _grid(B, N)
-    in_specs = [
-        spec((BM, K), lambda i, j: (i, 0)),
-        spec((K,), lambda i, j: (0,)),
-        spec((K,), lambda i, j: (0,)),
-        spec((BN, K), lambda i, j: (j, 0)),
-    ]
+    whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
+    in_specs = [whole(B, K), whole(K), whole(K), pl.BlockSpec((BLOCK_N, K), lambda j: (j, 0))]
     args = [x, ln_scale, ln_bias, weight]
     if bias is not None:
-        in_specs.append(spec((BN,), lambda i, j: (j,)))
+        in_specs.append(pl.BlockSpec((BLOCK_N,), lambda j: (j,)))
         args.append(bias)
     valid_n = valid_n if valid_n is not None and valid_n < N else None
-    tile = B >= TILE_FROM
-    kernel = functools.partial(_ln_linear_tile_kernel, rows=B) if tile else _ln_linear_kernel
     return _call(
-        functools.partial(kernel, eps=eps, gelu=gelu, valid_n=valid_n),
-        num_warps=TILE_WARPS if tile else LN_WARPS,
-        grid=grid,
+        functools.partial(_ln_linear_kernel, eps=eps, gelu=gelu, valid_n=valid_n),
+        num_warps=LN_WARPS,
+        grid=(N // BLOCK_N,),
         in_specs=in_specs,
-        out_specs=spec((BM, BN), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((B, BLOCK_N), lambda j: (0, j)),
         out_shape=jax.ShapeDtypeStruct((B, N), out_dtype),
     )(*args)
 
@@ -275,17 +194,15 @@ def ln_linear(x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=No
 def linear_residual(h, weight, bias, x):
     """x + h @ weight.T + bias, in x's buffer: h (B, K) bfloat16, weight (N, K), x (B, N) float32."""
     (B, K), N = h.shape, weight.shape[0]
-    grid, BM, BN, spec = _grid(B, N)
-    tile = B >= TILE_FROM
-    columns = spec((BM, BN), lambda i, j: (i, j))
+    columns = pl.BlockSpec((B, BLOCK_N), lambda j: (0, j))
     return _call(
-        functools.partial(_linear_residual_tile_kernel, rows=B) if tile else _linear_residual_kernel,
-        num_warps=TILE_WARPS if tile else RESIDUAL_WARPS,
-        grid=grid,
+        _linear_residual_kernel,
+        num_warps=RESIDUAL_WARPS,
+        grid=(N // BLOCK_N,),
         in_specs=[
-            spec((BM, K), lambda i, j: (i, 0)),
-            spec((BN, K), lambda i, j: (j, 0)),
-            spec((BN,), lambda i, j: (j,)),
+            pl.BlockSpec((B, K), lambda j: (0, 0)),
+            pl.BlockSpec((BLOCK_N, K), lambda j: (j, 0)),
+            pl.BlockSpec((BLOCK_N,), lambda j: (j,)),
             columns,
         ],
         out_specs=columns,

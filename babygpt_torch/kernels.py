@@ -41,44 +41,14 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from babygpt.kernel_blocks import (  # noqa: E402
-    BLOCK_K,
-    BLOCK_N,
-    BLOCK_S,
-    LN_WARPS,
-    RESIDUAL_WARPS,
-    TILE_FROM,
-    TILE_K,
-    TILE_M,
-    TILE_N,
-    TILE_WARPS,
-)
+from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS  # noqa: E402
 from babygpt_torch.model import GPT  # noqa: E402
-
-_DOT = (
-    tl.bfloat16 if torch.cuda.is_available() else tl.float32
-)  # the interpreter multiplies bfloat16 tiles as integers
 
 
 @triton.jit
 def _gelu_tanh(x):
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
     return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
-
-
-@triton.jit
-def _epilogue(
-    acc, bias_ptr, cols, N: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr
-):
-    """A matmul's float32 sums (..., BN) as autocast finishes them: bias, bfloat16 output, activation."""
-    if HAS_BIAS:  # autocast adds the bias in bfloat16
-        acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)
-    out = acc.to(tl.bfloat16).to(tl.float32)  # autocast's bfloat16 matmul output
-    if GELU:
-        out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
-    if VALID_N < N:  # the head: padded vocabulary entries get no probability
-        out = tl.where(cols < VALID_N, out, float("-inf"))
-    return out
 
 
 @triton.jit
@@ -109,7 +79,13 @@ def _ln_linear_kernel(
             g, b = tl.load(g_ptr + ks, mask=inside, other=0.0), tl.load(b_ptr + ks, mask=inside, other=0.0)
             x = ((x - mean) * rstd * g + b).to(tl.bfloat16).to(tl.float32)  # 0 past K, where g and b are
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # bfloat16 products, float32 sums
-        out = _epilogue(acc, bias_ptr, cols, N, HAS_BIAS, GELU, VALID_N)
+        if HAS_BIAS:  # autocast adds the bias in bfloat16
+            acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)
+        out = acc.to(tl.bfloat16).to(tl.float32)  # autocast's bfloat16 matmul output
+        if GELU:
+            out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
+        if VALID_N < N:  # the head: padded vocabulary entries get no probability
+            out = tl.where(cols < VALID_N, out, float("-inf"))
         tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty))
 
 
@@ -130,59 +106,6 @@ def _linear_residual_kernel(
         acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)
         x = x_ptr + row * N + cols
         tl.store(x, tl.load(x) + acc.to(tl.bfloat16).to(tl.float32))
-
-
-@triton.jit
-def _ln_linear_tile_kernel(
-    x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps, B,
-    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """`_ln_linear_kernel` for a batch, on tensor cores: one program per BM rows and BN columns."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    live = (rows < B)[:, None]  # rows past B are neither read nor written
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    x_rows = x_ptr + rows[:, None] * K
-    total, squares = tl.zeros((BM,), tl.float32), tl.zeros((BM,), tl.float32)
-    for k0 in tl.static_range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + ks[None, :], mask=live & (ks < K)[None, :], other=0.0)
-        total += tl.sum(x, axis=1)
-        squares += tl.sum(x * x, axis=1)
-    mean = total / K
-    rstd = 1.0 / tl.sqrt(squares / K - mean * mean + eps)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in tl.static_range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        inside = ks < K
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside[None, :], other=0.0)  # (BN, BK)
-        x = tl.load(x_rows + ks[None, :], mask=live & inside[None, :], other=0.0)  # (BM, BK)
-        g, b = tl.load(g_ptr + ks, mask=inside, other=0.0), tl.load(b_ptr + ks, mask=inside, other=0.0)
-        x = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]  # 0 past K, where g and b are
-        acc += tl.dot(x.to(tl.bfloat16).to(DOT), tl.trans(w.to(DOT)))  # (BM, BN), float32 sums
-    out = _epilogue(acc, bias_ptr, cols[None, :], N, HAS_BIAS, GELU, VALID_N)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def _linear_residual_tile_kernel(
-    h_ptr, w_ptr, bias_ptr, x_ptr, B,
-    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """`_linear_residual_kernel` for a batch, on tensor cores: one program per BM rows and BN columns."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    live = (rows < B)[:, None]
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in tl.static_range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        inside = ks < K
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=inside[None, :], other=0.0)
-        h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=live & inside[None, :], other=0.0)
-        acc += tl.dot(h.to(DOT), tl.trans(w.to(DOT)))
-    acc += tl.load(bias_ptr + cols).to(tl.bfloat16).to(tl.float32)[None, :]
-    x = x_ptr + rows[:, None] * N + cols[None, :]
-    tl.store(x, tl.load(x, mask=live) + acc.to(tl.bfloat16).to(tl.float32), mask=live)
 
 
 @triton.jit
@@ -279,39 +202,22 @@ def _greedy_kernel(
     tl.store(at, tl.where(inside, tl.load(at), token.to(tl.int64)))
 
 
-def tile_rows(B: int) -> int:
-    """Rows per program of the tensor-core kernels: B's power of two, from 16 (the smallest tile) to TILE_M."""
-    return min(TILE_M, max(16, triton.next_power_of_2(B)))
-
-
 def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:
-    """out = act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16, out (B, N).
-    Dot products on CUDA cores below TILE_FROM rows, tensor-core tiles from there."""
+    """out = act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16, out (B, N)."""
     (B, K), N = x.shape, weight.shape[0]
-    args = (x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, B)
-    flags = (bias is not None, gelu, N if valid_n is None else valid_n)
-    if B >= TILE_FROM:
-        BM = tile_rows(B)
-        grid = (triton.cdiv(B, BM), N // TILE_N)
-        _ln_linear_tile_kernel[grid](*args, K, N, BM, TILE_N, TILE_K, *flags, _DOT, num_warps=TILE_WARPS)
-    else:
-        _ln_linear_kernel[(N // BLOCK_N,)](*args, K, N, BLOCK_N, BLOCK_K, *flags, num_warps=LN_WARPS)
+    _ln_linear_kernel[(N // BLOCK_N,)](
+        x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, B,
+        K, N, BLOCK_N, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, num_warps=LN_WARPS,
+    )  # fmt: skip
     return out
 
 
 def linear_residual(h, weight, bias, x) -> torch.Tensor:
     """x += h @ weight.T + bias, in place: h (B, K) bfloat16, weight (N, K), x (B, N) float32."""
     (B, K), N = h.shape, weight.shape[0]
-    if B >= TILE_FROM:
-        BM = tile_rows(B)
-        grid = (triton.cdiv(B, BM), N // TILE_N)
-        _linear_residual_tile_kernel[grid](
-            h, weight, bias, x, B, K, N, BM, TILE_N, TILE_K, _DOT, num_warps=TILE_WARPS
-        )
-    else:
-        _linear_residual_kernel[(N // BLOCK_N,)](
-            h, weight, bias, x, B, K, N, BLOCK_N, BLOCK_K, num_warps=RESIDUAL_WARPS
-        )
+    _linear_residual_kernel[(N // BLOCK_N,)](
+        h, weight, bias, x, B, K, N, BLOCK_N, BLOCK_K, num_warps=RESIDUAL_WARPS
+    )
     return x
 
 

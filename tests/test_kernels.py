@@ -36,14 +36,6 @@ def torch_model(seed=0):
 
 # K in one chunk wider than K (masked past it), in three whole chunks, in a whole chunk and a part.
 K_CASES = pytest.mark.parametrize("K, block_k", [(128, 1024), (192, 1024), (192, 64), (192, 128)])
-# 3 rows: CUDA-core dot products; 20: tensor-core tiles of 16 rows, the second block part past B.
-ROWS = pytest.mark.parametrize("B", [3, 20])
-
-
-def blocks(monkeypatch, kernels, block_k):
-    """Both kernels' K chunks of block_k; 16-row tiles from 8 rows."""
-    for name, value in (("BLOCK_K", block_k), ("TILE_K", block_k), ("TILE_M", 16), ("TILE_FROM", 8)):
-        monkeypatch.setattr(kernels, name, value)
 
 
 @pytest.fixture(autouse=True)
@@ -82,11 +74,10 @@ def close(actual, expected, rel):
 
 @pytest.mark.parametrize("gelu", [False, True])
 @K_CASES
-@ROWS
-def test_triton_ln_linear_is_layernorm_then_linear(tk, monkeypatch, gelu, K, block_k, B):
-    blocks(monkeypatch, tk, block_k)
+def test_triton_ln_linear_is_layernorm_then_linear(tk, monkeypatch, gelu, K, block_k):
+    monkeypatch.setattr(tk, "BLOCK_K", block_k)
     torch.manual_seed(0)
-    N = 192
+    B, N = 3, 192
     x = 3 * torch.randn(B, K) + 1
     ln = torch.nn.LayerNorm(K)
     with torch.no_grad():
@@ -107,12 +98,11 @@ def test_triton_ln_linear_masks_the_padded_vocabulary(tk):
 
 
 @K_CASES
-@ROWS
-def test_triton_linear_residual_adds_in_place(tk, monkeypatch, K, block_k, B):
-    blocks(monkeypatch, tk, block_k)
+def test_triton_linear_residual_adds_in_place(tk, monkeypatch, K, block_k):
+    monkeypatch.setattr(tk, "BLOCK_K", block_k)
     torch.manual_seed(0)
-    h, weight, bias = torch.randn(B, K).bfloat16(), torch.randn(64, K).bfloat16() * 0.05, torch.randn(64)
-    x = torch.randn(B, 64)
+    h, weight, bias = torch.randn(3, K).bfloat16(), torch.randn(64, K).bfloat16() * 0.05, torch.randn(64)
+    x = torch.randn(3, 64)
     expected = x + autocast_linear(h, weight, bias)
     out = tk.linear_residual(h, weight, bias, x)
     assert out.data_ptr() == x.data_ptr()
@@ -175,13 +165,8 @@ def fewer_programs(monkeypatch):
         monkeypatch.setattr(pk, "BLOCK_N", 128)
 
 
-TILES = pytest.mark.parametrize("tile_from", [8, 1], ids=["dot-products", "tensor-core-tiles"])
-
-
-@TILES
-def test_triton_fused_decoder_follows_model_decode(tk, fewer_programs, monkeypatch, tile_from):
+def test_triton_fused_decoder_follows_model_decode(tk, fewer_programs):
     """Prefill a prompt, then decode eight greedy tokens both ways from copies of the same cache."""
-    monkeypatch.setattr(tk, "TILE_FROM", tile_from)
     model = torch_model()
     B, S, prompt = 3, 64, 6
     decoder = tk.FusedDecoder(model, B, S)
@@ -238,13 +223,12 @@ def jnp_ln(x, scale, bias, eps=1e-5):
 
 @pytest.mark.parametrize("gelu", [False, True])
 @K_CASES
-@ROWS
-def test_pallas_ln_linear_is_layernorm_then_linear(pk, monkeypatch, gelu, K, block_k, B):
+def test_pallas_ln_linear_is_layernorm_then_linear(pk, monkeypatch, gelu, K, block_k):
     import jax.numpy as jnp
 
-    blocks(monkeypatch, pk, block_k)
+    monkeypatch.setattr(pk, "BLOCK_K", block_k)
     rng = np.random.default_rng(0)
-    N = 192
+    B, N = 3, 192
     x = (3 * rng.standard_normal((B, K)) + 1).astype(np.float32)
     scale, bias_ln = 1 + 0.1 * rng.standard_normal(K), 0.1 * rng.standard_normal(K)
     weight, bias = jnp.asarray(0.05 * rng.standard_normal((N, K)), jnp.bfloat16), rng.standard_normal(N)
@@ -281,15 +265,14 @@ def test_pallas_ln_linear_masks_the_padded_vocabulary(pk):
 
 
 @K_CASES
-@ROWS
-def test_pallas_linear_residual_adds_into_x(pk, monkeypatch, K, block_k, B):
+def test_pallas_linear_residual_adds_into_x(pk, monkeypatch, K, block_k):
     import jax.numpy as jnp
 
-    blocks(monkeypatch, pk, block_k)
+    monkeypatch.setattr(pk, "BLOCK_K", block_k)
     rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((B, K)), jnp.bfloat16)
+    h = jnp.asarray(rng.standard_normal((3, K)), jnp.bfloat16)
     weight = jnp.asarray(0.05 * rng.standard_normal((64, K)), jnp.bfloat16)
-    bias, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((B, 64)).astype(np.float32)
+    bias, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((3, 64)).astype(np.float32)
     out = np.asarray(pk.linear_residual(h, weight, jnp.asarray(bias), jnp.asarray(x)))
     t = lambda a: torch.tensor(np.asarray(a, np.float32))
     close(out, t(x) + autocast_linear(t(h), t(weight), t(bias)), 2 * BF16)
@@ -319,10 +302,8 @@ def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos)
     close(np.asarray(y, np.float32), expected.reshape(B, C), 2 * BF16)
 
 
-@TILES
-def test_pallas_fused_decode_follows_model_decode(pk, fewer_programs, monkeypatch, tile_from):
+def test_pallas_fused_decode_follows_model_decode(pk, fewer_programs):
     """Prefill a prompt, then decode eight greedy tokens both ways from the same cache."""
-    monkeypatch.setattr(pk, "TILE_FROM", tile_from)
     import jax
     import jax.numpy as jnp
 
