@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS
+from babygpt.kernel_blocks import BATCH_FROM, BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
@@ -149,6 +149,38 @@ def _decode_attention_kernel(qkv_ref, pos_ref, k_ref, v_ref, part_ref, k_out, v_
     part_ref[2, block, row, cols] = (p[:, None] * v.astype(_F32)).sum(axis=0)
 
 
+def _decode_attention_rows_kernel(qkv_ref, pos_ref, k_ref, v_ref, y_ref, k_out, v_out, *, block_s):
+    """One (row, head) of a batch: the new key and value into the (B, S, nh, hs) cache (aliased, as
+    in `_decode_attention_kernel`), then attention over slots 0..pos in blocks of block_s, with a
+    running maximum and normaliser (online softmax). A batch has B x nh programs already, so a
+    head's slots are not split and nothing is left to combine."""
+    row, head = pl.program_id(0), pl.program_id(1)
+    HS = k_ref.shape[3]
+    C = HS * k_ref.shape[2]
+    pos = pos_ref[()]
+    at = lambda part: qkv_ref[row, pl.ds(part * C + head * HS, HS)]
+    q, k_new, v_new = at(0).astype(_F32), at(1), at(2)
+    k_out[row, pos, head, :] = k_new
+    v_out[row, pos, head, :] = v_new
+
+    def body(block, carry):
+        m, norm, acc = carry  # the largest score so far, the softmax normaliser, the weighted sum
+        slots = block * block_s + jnp.arange(block_s)
+        seen = jnp.broadcast_to((slots < pos)[:, None], (block_s, HS))  # slot pos from registers
+        cached = pl.ds(pl.multiple_of(block * block_s, block_s), block_s)
+        k = jnp.where(seen, plgpu.load(k_ref.at[row, cached, head, :], mask=seen, other=0.0), k_new[None, :])
+        v = jnp.where(seen, plgpu.load(v_ref.at[row, cached, head, :], mask=seen, other=0.0), v_new[None, :])
+        scores = (q[None, :] * k.astype(_F32)).sum(axis=1) * HS**-0.5  # (BS,)
+        scores = jnp.where(slots <= pos, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max())  # finite: block 0 holds slot 0
+        p, old = jnp.exp(scores - m_new), jnp.exp(m - m_new)
+        return m_new, norm * old + p.sum(), acc * old + (p[:, None] * v.astype(_F32)).sum(axis=0)
+
+    start = (jnp.float32(-jnp.inf), jnp.float32(0), jnp.zeros(HS, _F32))
+    _, norm, acc = lax.fori_loop(0, pos // block_s + 1, body, start)
+    y_ref[row, pl.ds(head * HS, HS)] = (acc / norm).astype(y_ref.dtype)
+
+
 def _combine_kernel(part_ref, pos_ref, y_ref, *, block_s, head_size):
     """One (row, head): the blocks' shares merged into softmax(scores) @ values, as bfloat16."""
     row, head = pl.program_id(0), pl.program_id(1)
@@ -217,8 +249,20 @@ def attention_blocks(cache_len: int) -> int:
 
 def decode_attention(qkv, k_cache, v_cache, pos):
     """(y (B, C), k_cache, v_cache): attention for qkv (B, 3C) over the (B, S, nh, hs) cache,
-    which gains this position's keys and values (in place: the caches are aliased)."""
+    which gains this position's keys and values (in place: the caches are aliased). Below
+    BATCH_FROM rows each head's slots are split across programs, then combined."""
     B, S, n_head, hs = k_cache.shape
+    if B >= BATCH_FROM:  # one program per (row, head), nothing to combine
+        return _call(
+            functools.partial(_decode_attention_rows_kernel, block_s=BLOCK_S),
+            grid=(B, n_head),
+            out_shape=(
+                jax.ShapeDtypeStruct((B, n_head * hs), qkv.dtype),
+                jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+            ),
+            input_output_aliases={2: 1, 3: 2},
+        )(qkv, pos, k_cache, v_cache)
     NB = attention_blocks(S)
     part, k_cache, v_cache = _call(
         functools.partial(_decode_attention_kernel, block_s=BLOCK_S),
@@ -253,9 +297,31 @@ def decode_weights(model) -> dict:
     return weights
 
 
+def batch_decode(model, token, kv_cache, pos):
+    """`model.decode(token[:, None], kv_cache, pos)` for a batch: the model's own modules, whose
+    GEMMs read each weight once for all rows and which XLA fuses with their LayerNorms, biases,
+    GELU and residual adds, around `decode_attention`, which extends the cache in place. (B, V)
+    float32 logits and the cache."""
+    h = model.transformer
+    x = h.wte(token) + h.wpe(pos)  # (B, C)
+    new_cache = []
+    for block, (k_cache, v_cache) in zip(h.h, kv_cache):
+        y, k_cache, v_cache = decode_attention(block.attn.c_attn(block.ln_1(x)), k_cache, v_cache, pos)
+        x = x + block.attn.c_proj(y)
+        x = x + block.mlp(block.ln_2(x))
+        new_cache.append((k_cache, v_cache))
+    x = h.ln_f(x).astype(model.dtype)
+    logits = x @ h.wte.embedding[...].astype(model.dtype).T  # (B, V) the tied head, as in _logits
+    logits = jnp.where(jnp.arange(logits.shape[-1]) >= model.config.vocab_size, -jnp.inf, logits)
+    return logits.astype(_F32), new_cache
+
+
 def fused_decode(model, weights: dict, token, kv_cache, pos):
     """`model.decode(token[:, None], kv_cache, pos)` in the kernels above: (B, V) float32 logits
-    for one token per row (B,) at position pos, and the cache extended by it."""
+    for one token per row (B,) at position pos, and the cache extended by it. From BATCH_FROM
+    rows, `batch_decode` (weights unused)."""
+    if token.shape[0] >= BATCH_FROM:
+        return batch_decode(model, token, kv_cache, pos)
     c, h = model.config, model.transformer
     x = h.wte.embedding[...][token].astype(_F32) + h.wpe.embedding[...][pos].astype(_F32)  # (B, C)
     ln = lambda norm: (norm.scale[...], norm.bias[...])

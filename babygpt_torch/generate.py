@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from babygpt.kernel_blocks import supported
+from babygpt.kernel_blocks import BATCH_FROM, supported
 from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts
 from babygpt_torch.model import GPT
 
@@ -251,7 +251,15 @@ def _compiled_steps(
         return logits.masked_fill(model.vocab_pad, float("-inf")).float()
 
     buffers = (cache, tokens, lengths, pos)
-    if fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
+    static = [tokens, lengths, pos, *(t for layer in cache for t in layer)]
+    if fused and batch_size >= BATCH_FROM:  # the model's modules around the attention kernel, compiled below
+        from babygpt_torch import kernels
+
+        y = torch.zeros(batch_size, model.config.n_embd, dtype=dtype, device=device)  # attention's output
+        static.append(y)
+        logits_at = lambda: kernels.batch_logits(model, tokens, pos, cache, y)  # noqa: F811
+        greedy_step = lambda: kernels.greedy(logits_at(), tokens, lengths, pos)  # noqa: F811
+    elif fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
         from babygpt_torch import kernels
 
         decoder = kernels.FusedDecoder(model, batch_size, cache_len)
@@ -261,7 +269,7 @@ def _compiled_steps(
         return buffers, (decoder.refresh, graphed[0], commit, graphed[1], window_logits)
     if not compile:
         return buffers, (lambda: None, logits_at, commit, greedy_step, window_logits)
-    for buffer in (tokens, lengths, pos, *(t for layer in cache for t in layer)):
+    for buffer in static:
         torch._dynamo.mark_static_address(buffer)  # written in place by the graph, never moved
     # reduce-overhead: CUDA graphs; fullgraph: a host sync (a graph break) fails loudly, not slowly.
     options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)

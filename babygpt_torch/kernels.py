@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from babygpt.kernel_blocks import BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS  # noqa: E402
+from babygpt.kernel_blocks import BATCH_FROM, BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS  # noqa: E402
 from babygpt_torch.model import GPT  # noqa: E402
 
 
@@ -147,6 +147,41 @@ def _decode_attention_kernel(
 
 
 @triton.jit
+def _decode_attention_rows_kernel(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, scale,
+    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    """One (row, head) of a batch: the new key and value into the cache, then attention over slots
+    0..pos in blocks of BS, with a running maximum and normaliser (online softmax). A batch has
+    B x nh programs already, so a head's slots are not split and nothing is left to combine."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, HS)
+    pos = tl.load(pos_ptr)
+    base = qkv_ptr + row * 3 * C + head * HS + d
+    q = tl.load(base).to(tl.float32)
+    k_new, v_new = tl.load(base + C), tl.load(base + 2 * C)
+    cache = (row * (C // HS) + head) * S * HS
+    tl.store(k_cache_ptr + cache + pos * HS + d, k_new)
+    tl.store(v_cache_ptr + cache + pos * HS + d, v_new)
+    m = tl.full((), float("-inf"), tl.float32)  # the largest score so far
+    norm, acc = tl.zeros((), tl.float32), tl.zeros((HS,), tl.float32)  # softmax normaliser, weighted sum
+    for block in range(0, pos // BS + 1):
+        slots = block * BS + tl.arange(0, BS)
+        offsets = cache + slots[:, None] * HS + d[None, :]  # (BS, hs)
+        seen = slots[:, None] < pos  # slot pos from registers, not from the cache just written
+        k = tl.where(seen, tl.load(k_cache_ptr + offsets, mask=seen, other=0.0), k_new[None, :])
+        v = tl.where(seen, tl.load(v_cache_ptr + offsets, mask=seen, other=0.0), v_new[None, :])
+        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale  # (BS,)
+        scores = tl.where(slots <= pos, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: block 0 holds slot 0
+        p, old = tl.exp(scores - m_new), tl.exp(m - m_new)
+        norm = norm * old + tl.sum(p, axis=0)
+        acc = acc * old + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+    tl.store(y_ptr + row * C + head * HS + d, (acc / norm).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _combine_kernel(
     part_ptr, pos_ptr, y_ptr, B, C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr
 ):
@@ -225,10 +260,16 @@ def attention_blocks(cache_len: int) -> int:
     return triton.cdiv(cache_len, BLOCK_S)
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, y, part) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     """y (B, C) from qkv (B, 3C) and the (B, nh, S, hs) cache, which gains this position's keys
-    and values; part is (3, attention_blocks(S), B, C) float32 scratch."""
+    and values. Below BATCH_FROM rows each head's slots are split across programs, and part is
+    (3, attention_blocks(S), B, C) float32 scratch for their shares; from it, unused."""
     B, n_head, S, hs = k_cache.shape
+    if B >= BATCH_FROM:
+        _decode_attention_rows_kernel[(B, n_head)](
+            qkv, k_cache, v_cache, pos, y, hs**-0.5, n_head * hs, S, hs, BLOCK_S
+        )
+        return y
     C, NB = n_head * hs, part.shape[1]
     _decode_attention_kernel[(B, n_head, NB)](
         qkv, k_cache, v_cache, pos, part, hs**-0.5, B, C, S, hs, BLOCK_S, NB
@@ -254,6 +295,22 @@ def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
     _argmax_blocks_kernel[(B, NBV)](logits, best, at, V, BLOCK_K, NBV)
     _greedy_kernel[(B,)](best, at, tokens, lengths, pos, tokens.stride(0), NBV, triton.next_power_of_2(NBV))
     return tokens
+
+
+def batch_logits(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
+    """`model.decode` for a batch's token at pos (tokens is (B, S + 1)): (B, V) float32 logits.
+
+    The model's own modules, whose GEMMs read each weight once for all rows and which
+    torch.compile fuses with their LayerNorms, biases, GELU and residual adds, around
+    `decode_attention`, which writes the (B, nh, S, hs) cache in place. y is (B, C), the
+    attention's output in the compute dtype, at a fixed address (for a CUDA graph)."""
+    h = model.transformer
+    x = h.wte(tokens.index_select(1, pos)[:, 0]) + h.wpe(pos)  # (B, C)
+    for block, (k_cache, v_cache) in zip(h.h, cache):
+        decode_attention(block.attn.c_attn(block.ln_1(x)), k_cache, v_cache, pos, y)
+        x = x + block.attn.c_proj(y)
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(h.ln_f(x)).masked_fill(model.vocab_pad, float("-inf")).float()
 
 
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices

@@ -109,16 +109,23 @@ def test_triton_linear_residual_adds_in_place(tk, monkeypatch, K, block_k):
     close(x, expected, 4 * BF16)
 
 
+# 3 rows: each head's cache split across programs and combined; 9: one program per (row, head).
+ATTENTION_ROWS = pytest.mark.parametrize("B", [3, 9], ids=["split", "rows"])
+
+
 @pytest.mark.parametrize("pos", [0, 5, 64, 130])
-def test_triton_decode_attention_writes_the_cache_and_attends_up_to_pos(tk, pos):
+@ATTENTION_ROWS
+def test_triton_decode_attention_writes_the_cache_and_attends_up_to_pos(tk, pos, B):
     torch.manual_seed(pos)
-    B, nh, S, hs = 3, 2, 192, 64
+    nh, S, hs = 2, 192, 64
     C = nh * hs
     qkv = torch.randn(B, 3 * C).bfloat16()
     k_cache, v_cache = torch.randn(B, nh, S, hs).bfloat16(), torch.randn(B, nh, S, hs).bfloat16()
     k_before, v_before = k_cache.clone(), v_cache.clone()
     part = torch.empty(3, tk.attention_blocks(S), B, C)
-    y = tk.decode_attention(qkv, k_cache, v_cache, torch.tensor([pos]), torch.zeros(B, C), part)
+    y = tk.decode_attention(
+        qkv, k_cache, v_cache, torch.tensor([pos]), torch.zeros(B, C, dtype=torch.bfloat16), part
+    )
     q, k, v = (t.view(B, nh, hs) for t in qkv.float().split(C, dim=1))
     k_before[:, :, pos], v_before[:, :, pos] = k.bfloat16(), v.bfloat16()
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)  # only slot pos changed
@@ -185,6 +192,30 @@ def test_triton_fused_decoder_follows_model_decode(tk, fewer_programs):
         assert torch.isinf(logits[:, CONFIG.vocab_size :]).all()
         for layer, ref_layer in zip(cache, ref_cache):
             for t, ref in zip(layer, ref_layer):  # keys, values
+                close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
+
+
+def test_triton_batch_logits_follows_model_decode(tk):
+    """A batch: the model's modules around the attention kernel, against model.decode, from
+    copies of the same cache, for eight greedy tokens."""
+    model = torch_model()
+    B, S, prompt = 9, 64, 6
+    tokens = torch.randint(0, CONFIG.vocab_size, (B, S + 1))
+    cache = model.init_cache(B, S, torch.bfloat16)
+    y = torch.zeros(B, CONFIG.n_embd, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model.decode(tokens[:, :prompt], cache, 0)
+        ref_cache = [(k.clone(), v.clone()) for k, v in cache]
+        for pos in range(prompt, prompt + 8):
+            expected, _ = model.decode(tokens[:, pos : pos + 1], ref_cache, pos)
+            logits = tk.batch_logits(model, tokens, torch.tensor([pos]), cache, y)
+            V = CONFIG.vocab_size
+            close(logits[:, :V], expected[:, 0, :V].float(), 8 * BF16)
+            assert torch.equal(logits.argmax(-1), expected[:, 0].float().argmax(-1))
+            tokens[:, pos + 1] = logits.argmax(-1)
+        assert torch.isinf(logits[:, V:]).all()
+        for layer, ref_layer in zip(cache, ref_cache):
+            for t, ref in zip(layer, ref_layer):
                 close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
 
 
@@ -279,11 +310,12 @@ def test_pallas_linear_residual_adds_into_x(pk, monkeypatch, K, block_k):
 
 
 @pytest.mark.parametrize("pos", [0, 5, 64, 130])
-def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos):
+@ATTENTION_ROWS
+def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos, B):
     import jax.numpy as jnp
 
     rng = np.random.default_rng(pos)
-    B, S, nh, hs = 3, 192, 2, 64
+    S, nh, hs = 192, 2, 64
     C = nh * hs
     qkv = jnp.asarray(rng.standard_normal((B, 3 * C)), jnp.bfloat16)
     k_cache = jnp.asarray(rng.standard_normal((B, S, nh, hs)), jnp.bfloat16)
@@ -302,13 +334,15 @@ def test_pallas_decode_attention_writes_the_cache_and_attends_up_to_pos(pk, pos)
     close(np.asarray(y, np.float32), expected.reshape(B, C), 2 * BF16)
 
 
-def test_pallas_fused_decode_follows_model_decode(pk, fewer_programs):
-    """Prefill a prompt, then decode eight greedy tokens both ways from the same cache."""
+@pytest.mark.parametrize("B", [3, 9], ids=["kernels", "batch"])
+def test_pallas_fused_decode_follows_model_decode(pk, fewer_programs, B):
+    """Prefill a prompt, then decode eight greedy tokens both ways from the same cache (from
+    BATCH_FROM rows, `batch_decode`: the model's modules around the attention kernel)."""
     import jax
     import jax.numpy as jnp
 
     model = jax_model()
-    B, S, prompt = 3, 64, 6
+    S, prompt = 64, 6
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (B, S + 1)).astype(np.int32)
     weights = pk.decode_weights(model)
     _, cache = model.decode(jnp.asarray(tokens[:, :prompt]), model.init_cache(B, S, jnp.bfloat16), 0)
@@ -353,6 +387,27 @@ def test_torch_generate_fused_gives_the_plain_greedy_tokens(tk, fewer_programs):
     )
     # every batch size and cache length reads one set of bfloat16 weights
     assert tk.FusedDecoder(model, 1, 64).weights is tk.FusedDecoder(model, 3, 128).weights
+
+
+BATCH = [[i, i + 1, 2 * i + 3][: 1 + i % 3] for i in range(9)]  # BATCH_FROM rows or more: a batch
+
+
+def test_torch_generate_fused_batch_gives_the_plain_greedy_tokens(tk):
+    from babygpt_torch.generate import generate
+
+    model = torch_model()
+    assert generate(model, BATCH, 6, temperature=0.0, fused=True) == generate(
+        model, BATCH, 6, temperature=0.0, fused=False
+    )
+
+
+def test_jax_generate_fused_batch_gives_the_plain_greedy_tokens(pk):
+    from babygpt_jax.generate import generate
+
+    model = jax_model()
+    assert generate(model, BATCH, 6, temperature=0.0, fused=True) == generate(
+        model, BATCH, 6, temperature=0.0, fused=False
+    )
 
 
 def test_jax_generate_fused_gives_the_plain_greedy_tokens(pk, fewer_programs):
