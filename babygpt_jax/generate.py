@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from babygpt.kernel_blocks import supported
+from babygpt.kernel_blocks import BATCH_FROM, supported
 from babygpt.sampling import RowCollector, cache_length, cached_positions, crop_prompts, prefill_length
 from babygpt_jax.model import GPT
 
@@ -129,14 +129,15 @@ def generate(
     in-context decode loop runs on the device in one call, and the host reads the tokens once at
     the end of it; past the context the host reads each token, one full forward per read.
     `compile` is torch's switch for CUDA graphs; JAX always compiles its steps, so it changes nothing.
-    `fused` makes the decode step the hand-written kernels of `babygpt_jax/kernels.py` (6 a layer,
-    not ~20 XLA fusions). Default: on for a lone prompt on a GPU in bfloat16, the one
-    case where they were measured no slower (docs/performance.md).
+    `fused` makes the decode step the hand-written kernels of `babygpt_jax/kernels.py`: for a
+    lone prompt, 6 a layer instead of ~20 XLA fusions; from BATCH_FROM rows, the attention
+    kernel alone, inside the model's own GEMMs. Default: on a GPU in bfloat16, for one row or
+    BATCH_FROM and more, the cases where they were measured faster (docs/performance.md).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
     B = len(prompts)
-    fused = B == 1 and _kernels_fit(model) if fused is None else fused
+    fused = (B == 1 or B >= BATCH_FROM) and _kernels_fit(model) if fused is None else fused
     # XLA turns a one-row matmul into a multiply and a reduction, which on a GPU is slower than
     # the matrix kernel it uses for a few rows (docs/performance.md): a lone prompt is decoded
     # beside copies of itself, which are done from the start and dropped (the fused kernels pad

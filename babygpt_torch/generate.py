@@ -118,9 +118,11 @@ def generate(
     the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
     (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
-    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py` (6 a layer,
-    not ~12) in a CUDA graph of its own. Default: on for a lone prompt on a GPU, the
-    one case where they were measured faster (docs/performance.md).
+    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py`: for a lone
+    prompt, 6 a layer instead of ~12, in a CUDA graph of their own; from BATCH_FROM rows, the
+    attention kernel alone, inside the model's own modules (compiled as above). Default: on a
+    GPU, for one row or BATCH_FROM and more, the cases where they were measured faster
+    (docs/performance.md).
     """
     config = model.config
     prompts = crop_prompts(prompts, max_new_tokens, config.block_size)
@@ -137,7 +139,9 @@ def generate(
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     compile = on_gpu if compile is None else compile
-    fused = compile and on_gpu and B == 1 and _kernels_fit(model) if fused is None else fused
+    fused = (
+        compile and on_gpu and (B == 1 or B >= BATCH_FROM) and _kernels_fit(model) if fused is None else fused
+    )
     buffers, (prepare, logits_at, commit, greedy_step, window_logits) = _compiled_steps(
         model, B, S, device, dtype, compile, fused
     )

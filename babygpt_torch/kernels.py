@@ -148,8 +148,8 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _decode_attention_rows_kernel(
-    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, scale,
-    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
+    qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr,
+    SCALE: tl.constexpr, C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     """One (row, head) of a batch: the new key and value into the cache, then attention over slots
     0..pos in blocks of BS, with a running maximum and normaliser (online softmax). A batch has
@@ -171,7 +171,8 @@ def _decode_attention_rows_kernel(
         seen = slots[:, None] < pos  # slot pos from registers, not from the cache just written
         k = tl.where(seen, tl.load(k_cache_ptr + offsets, mask=seen, other=0.0), k_new[None, :])
         v = tl.where(seen, tl.load(v_cache_ptr + offsets, mask=seen, other=0.0), v_new[None, :])
-        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale  # (BS,)
+        # SCALE a constant: under torch.compile a float argument arrives as float64
+        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * SCALE  # (BS,)
         scores = tl.where(slots <= pos, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: block 0 holds slot 0
         p, old = tl.exp(scores - m_new), tl.exp(m - m_new)
