@@ -14,12 +14,14 @@ BLOCK_N = 4  # output columns per program: 576 programs for the QKV matmul, 12,5
 BLOCK_K = 1024  # K per chunk; a chunk past K is masked (768 is one chunk, 3072 three)
 LN_WARPS = 2  # warps per program: LayerNorm + matmul
 RESIDUAL_WARPS = 4  # matmul + residual add
-BLOCK_S = 64  # cache slots per attention program (per step of a program's walk, from BATCH_FROM rows)
+BLOCK_S = 64  # cache slots per attention program
 
 # From BATCH_FROM rows a decode step is a batch: the matmuls are GEMMs (cuBLAS, XLA), whose
 # tensor-core tiles read each weight once for every row, and the hand-written kernels are
 # attention alone, one program per (row, head), which are enough programs to fill the GPU.
 BATCH_FROM = 8
+ROWS_BLOCK_S = 64  # cache slots per step of a (row, head)'s walk
+ROWS_WARPS = 4
 
 
 def supported(config) -> bool:

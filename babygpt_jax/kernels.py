@@ -35,7 +35,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from babygpt.kernel_blocks import BATCH_FROM, BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS
+from babygpt.kernel_blocks import (
+    BATCH_FROM,
+    BLOCK_K,
+    BLOCK_N,
+    BLOCK_S,
+    LN_WARPS,
+    RESIDUAL_WARPS,
+    ROWS_BLOCK_S,
+    ROWS_WARPS,
+)
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
@@ -254,7 +263,8 @@ def decode_attention(qkv, k_cache, v_cache, pos):
     B, S, n_head, hs = k_cache.shape
     if B >= BATCH_FROM:  # one program per (row, head), nothing to combine
         return _call(
-            functools.partial(_decode_attention_rows_kernel, block_s=BLOCK_S),
+            functools.partial(_decode_attention_rows_kernel, block_s=ROWS_BLOCK_S),
+            num_warps=ROWS_WARPS,
             grid=(B, n_head),
             out_shape=(
                 jax.ShapeDtypeStruct((B, n_head * hs), qkv.dtype),

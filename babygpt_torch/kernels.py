@@ -41,7 +41,16 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from babygpt.kernel_blocks import BATCH_FROM, BLOCK_K, BLOCK_N, BLOCK_S, LN_WARPS, RESIDUAL_WARPS  # noqa: E402
+from babygpt.kernel_blocks import (  # noqa: E402
+    BATCH_FROM,
+    BLOCK_K,
+    BLOCK_N,
+    BLOCK_S,
+    LN_WARPS,
+    RESIDUAL_WARPS,
+    ROWS_BLOCK_S,
+    ROWS_WARPS,
+)
 from babygpt_torch.model import GPT  # noqa: E402
 
 
@@ -268,7 +277,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     B, n_head, S, hs = k_cache.shape
     if B >= BATCH_FROM:
         _decode_attention_rows_kernel[(B, n_head)](
-            qkv, k_cache, v_cache, pos, y, hs**-0.5, n_head * hs, S, hs, BLOCK_S
+            qkv, k_cache, v_cache, pos, y, hs**-0.5, n_head * hs, S, hs, ROWS_BLOCK_S, num_warps=ROWS_WARPS
         )
         return y
     C, NB = n_head * hs, part.shape[1]
