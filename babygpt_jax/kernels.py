@@ -263,7 +263,7 @@ def decode_attention(qkv, k_cache, v_cache, pos):
     B, S, n_head, hs = k_cache.shape
     if B >= BATCH_FROM:  # one program per (row, head), nothing to combine
         return _call(
-            functools.partial(_decode_attention_rows_kernel, block_s=ROWS_BLOCK_S),
+            functools.partial(_decode_attention_rows_kernel, block_s=ROWS_BLOCK_S["jax"]),
             num_warps=ROWS_WARPS,
             grid=(B, n_head),
             out_shape=(

@@ -261,7 +261,7 @@ def _compiled_steps(
 
         y = torch.zeros(batch_size, model.config.n_embd, dtype=dtype, device=device)  # attention's output
         static.append(y)
-        logits_at = lambda: kernels.batch_logits(model, tokens, pos, cache, y)  # noqa: F811
+        logits_at = lambda: kernels.batch_decode(model, tokens, pos, cache, y)  # noqa: F811
         greedy_step = lambda: kernels.greedy(logits_at(), tokens, lengths, pos)  # noqa: F811
     elif fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
         from babygpt_torch import kernels

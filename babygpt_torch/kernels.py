@@ -277,7 +277,17 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     B, n_head, S, hs = k_cache.shape
     if B >= BATCH_FROM:
         _decode_attention_rows_kernel[(B, n_head)](
-            qkv, k_cache, v_cache, pos, y, hs**-0.5, n_head * hs, S, hs, ROWS_BLOCK_S, num_warps=ROWS_WARPS
+            qkv,
+            k_cache,
+            v_cache,
+            pos,
+            y,
+            hs**-0.5,
+            n_head * hs,
+            S,
+            hs,
+            ROWS_BLOCK_S["torch"],
+            num_warps=ROWS_WARPS,
         )
         return y
     C, NB = n_head * hs, part.shape[1]
@@ -307,7 +317,7 @@ def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
     return tokens
 
 
-def batch_logits(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
+def batch_decode(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
     """`model.decode` for a batch's token at pos (tokens is (B, S + 1)): (B, V) float32 logits.
 
     The model's own modules, whose GEMMs read each weight once for all rows and which

@@ -195,7 +195,7 @@ def test_triton_fused_decoder_follows_model_decode(tk, fewer_programs):
                 close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
 
 
-def test_triton_batch_logits_follows_model_decode(tk):
+def test_triton_batch_decode_follows_model_decode(tk):
     """A batch: the model's modules around the attention kernel, against model.decode, from
     copies of the same cache, for eight greedy tokens."""
     model = torch_model()
@@ -208,7 +208,7 @@ def test_triton_batch_logits_follows_model_decode(tk):
         ref_cache = [(k.clone(), v.clone()) for k, v in cache]
         for pos in range(prompt, prompt + 8):
             expected, _ = model.decode(tokens[:, pos : pos + 1], ref_cache, pos)
-            logits = tk.batch_logits(model, tokens, torch.tensor([pos]), cache, y)
+            logits = tk.batch_decode(model, tokens, torch.tensor([pos]), cache, y)
             V = CONFIG.vocab_size
             close(logits[:, :V], expected[:, 0, :V].float(), 8 * BF16)
             assert torch.equal(logits.argmax(-1), expected[:, 0].float().argmax(-1))
