@@ -1,6 +1,6 @@
 """The fused decode kernels' launch settings, swept: where `babygpt/kernel_blocks.py` came from.
 
-    python -m babygpt_bench.kernel_sweep [--preset gpt2] [--out out/kernel-sweep]
+    python -m babygpt_bench.kernel_sweep [--preset gpt2] [--attention] [--out out/kernel-sweep]
 
 Times the batch-1 matmul kernels of `babygpt_torch/kernels.py` at a preset's shapes (LayerNorm +
 matmul for QKV, for FC + GELU and for the head; matmul + residual add for both projections) under
@@ -10,6 +10,14 @@ every BLOCK_N x BLOCK_K x warps setting, each as 100 launches in one CUDA graph,
 same settings. Every setting is checked against `F.linear` before it is timed. Without CUDA it
 checks two settings on the preset with a 200-token vocabulary in Triton's interpreter and times
 nothing (what the tests run).
+
+`--attention` sweeps the batch attention kernel instead (`_decode_attention_rows_kernel`, one
+program per (row, head), used from BATCH_FROM rows) over ROWS_BLOCK_S x warps at batch 32 and a
+384-slot cache (prompt 128 + 256 new tokens), at three positions, beside SDPA as `model.decode`
+calls it and the split kernels with their combine; writes `sweep-attention.json`. Alone, that
+cache (38 MB at GPT-2 124M) sits mostly in an H200's 50 MB L2, so these times are lower than
+inside a decode step, where the matmuls' weights pass through the L2 between layers: the settings
+in `kernel_blocks.py` are the ones the whole decode measured fastest, per backend.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from babygpt.config import ModelConfig
 
 GPU_GRID = list(itertools.product((4, 8, 16, 32), (256, 1024), (2, 4, 8)))  # BLOCK_N, BLOCK_K, warps
 CPU_GRID = [(4, 1024, 2), (8, 32, 4)]  # one chunk wider than K; several chunks
+ROWS_GPU_GRID = list(itertools.product((32, 64, 128, 256), (2, 4, 8)))  # ROWS_BLOCK_S, warps
+ROWS_CPU_GRID = [(64, 4), (128, 4)]
 
 
 def time_us(fn, launches: int = 100, replays: int = 10) -> float:
@@ -115,6 +125,87 @@ def sweep(config: ModelConfig, grid, cuda: bool) -> list[dict]:
     return rows
 
 
+def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len: int) -> list[dict]:
+    """The batch attention kernel under each (ROWS_BLOCK_S, warps), SDPA and the split kernels,
+    at three positions; every result checked against SDPA in float32 first."""
+    from babygpt_torch import kernels
+
+    device = "cuda" if cuda else "cpu"
+    nh, hs, C = config.n_head, config.head_dim, config.n_embd
+    gen = torch.Generator(device).manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=device).bfloat16()
+    qkv, k_cache, v_cache = (
+        randn(batch, 3 * C),
+        randn(batch, nh, cache_len, hs),
+        randn(batch, nh, cache_len, hs),
+    )
+    y = torch.zeros(batch, C, dtype=torch.bfloat16, device=device)
+    NB = kernels.attention_blocks(cache_len)
+    part = torch.zeros(3, NB, batch, C, device=device)
+    q = qkv[:, :C].reshape(batch, nh, 1, hs)
+
+    def at(pos: int) -> list[dict]:
+        p = torch.tensor([pos], device=device)
+        k_cache[:, :, pos], v_cache[:, :, pos] = (
+            qkv[:, C : 2 * C].view(batch, nh, hs),
+            qkv[:, 2 * C :].view(batch, nh, hs),
+        )
+        mask = (torch.arange(cache_len, device=device) <= pos)[None, :]
+        expected = F.scaled_dot_product_attention(q.float(), k_cache.float(), v_cache.float(), attn_mask=mask)
+        expected = expected.reshape(batch, C)
+        rows = []
+
+        def add(kernel, run, result, **setting):
+            run()
+            error = ((result().float() - expected).abs().max() / expected.abs().max()).item()
+            us = time_us(run) if cuda else None
+            rows.append(dict(shape="attention", batch=batch, cache=cache_len, pos=pos, kernel=kernel, **setting,
+                             us=us, rel_error=error))  # fmt: skip
+
+        sdpa = lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # as model.decode
+        add("sdpa", sdpa, lambda: sdpa().reshape(batch, C))
+
+        def split():
+            kernels._decode_attention_kernel[(batch, nh, NB)](
+                qkv, k_cache, v_cache, p, part, hs**-0.5, batch, C, cache_len, hs, kernels.BLOCK_S, NB
+            )
+            kernels._combine_kernel[(batch, nh)](part, p, y, batch, C, hs, kernels.BLOCK_S, NB)
+
+        add("split", split, lambda: y, block_s=kernels.BLOCK_S)
+        for block_s, warps in grid:
+            run = lambda s=block_s, w=warps: kernels._decode_attention_rows_kernel[(batch, nh)](
+                qkv, k_cache, v_cache, p, y, hs**-0.5, C, cache_len, hs, s, num_warps=w
+            )
+            add("rows", run, lambda: y, block_s=block_s, warps=warps)
+        return rows
+
+    rows = [row for pos in (cache_len // 3, 2 * cache_len // 3 - 1, cache_len - 1) for row in at(pos)]
+    return rows
+
+
+def attention_summary(rows: list[dict]) -> str:
+    positions = list(dict.fromkeys(r["pos"] for r in rows))
+    lines = [
+        f"{'kernel':<28}"
+        + "".join(f"{'pos ' + str(p):>10}" for p in positions)
+        + f"{'mean':>10}  (us a call)"
+    ]
+    settings = dict.fromkeys((r["kernel"], r.get("block_s"), r.get("warps")) for r in rows)
+    for kernel, block_s, warps in settings:
+        us = [
+            r["us"]
+            for r in rows
+            if (r["kernel"], r.get("block_s"), r.get("warps")) == (kernel, block_s, warps)
+        ]
+        name = (
+            kernel
+            + ("" if block_s is None else f" slots {block_s}")
+            + ("" if warps is None else f" warps {warps}")
+        )
+        lines.append(f"{name:<28}" + "".join(f"{u:>10.2f}" for u in us) + f"{sum(us) / len(us):>10.2f}")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict], best: int = 3) -> str:
     lines = [f"{'shape':<9} {'K -> N':>13} {'kernel':<24} {'us':>7}"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -136,10 +227,31 @@ def main() -> None:
     parser.add_argument(
         "--preset", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, small, tiny"
     )
+    parser.add_argument(
+        "--attention", action="store_true", help="sweep the batch attention kernel instead of the matmuls"
+    )
     parser.add_argument("--out", default="out/kernel-sweep", help="where sweep.json goes")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     config = ModelConfig.preset(args.preset, **({} if cuda else {"vocab_size": 200}))
+    if args.attention:
+        from babygpt.kernel_blocks import BATCH_FROM
+
+        batch, cache_len = (32, 384) if cuda else (BATCH_FROM, 192)
+        rows = attention_sweep(config, ROWS_GPU_GRID if cuda else ROWS_CPU_GRID, cuda, batch, cache_len)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name() if cuda else "cpu (Triton's interpreter: checked, not timed)"
+        (out / "sweep-attention.json").write_text(
+            json.dumps({"preset": args.preset, "device": device, "rows": rows}, indent=1)
+        )
+        if cuda:
+            print(attention_summary(rows))
+        worst = max(r["rel_error"] for r in rows)
+        print(
+            f"{len(rows)} rows, largest error against SDPA {worst:.1e}; wrote {out / 'sweep-attention.json'}"
+        )
+        return
     rows = sweep(config, GPU_GRID if cuda else CPU_GRID, cuda)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ genprofile)  # where a decoded token's time goes: kernels per new token in both 
   ;;
 kernelsweep)  # the fused decode kernels' launch settings against cuBLAS (babygpt/kernel_blocks.py)
   run python3 -m babygpt_bench.kernel_sweep --out "$OUT/kernel-sweep"
+  run python3 -m babygpt_bench.kernel_sweep --attention --out "$OUT/kernel-sweep"
   ;;
 generate-big)  # decoding for the 350M and 774M presets
   for preset in gpt2-medium gpt2-large; do

@@ -488,6 +488,22 @@ def test_format_summary_lists_categories_and_heaviest_kernels():
     ]  # 4 us over 2 steps: 0.002 ms and half a call per step
 
 
+def test_kernel_sweep_attention_checks_every_setting_against_sdpa(tmp_path):
+    """--attention: the batch attention kernel under two settings, SDPA and the split kernels,
+    each at three cache positions, all within a few bfloat16 steps of SDPA in float32."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "babygpt_bench.kernel_sweep", "--preset", "tiny", "--attention"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "sweep-attention.json").read_text())["rows"]
+    assert [r["kernel"] for r in rows[:4]] == ["sdpa", "split", "rows", "rows"] and len(rows) == 12
+    assert len({r["pos"] for r in rows}) == 3 and all(r["us"] is None for r in rows)
+    assert all(r["rel_error"] <= 4 * 2.0**-8 for r in rows), [r["rel_error"] for r in rows]
+
+
 def test_kernel_sweep_checks_every_setting_against_f_linear(tmp_path):
     """Without CUDA the sweep runs its settings in Triton's interpreter: each must compute the same
     matmul as F.linear (a few bfloat16 steps: the interpreter truncates where a GPU rounds), and
