@@ -317,6 +317,19 @@ def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
     return tokens
 
 
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
+
+
+def decode_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """bfloat16 copies of every matrix as (out, in), torch's own layout: one set per model,
+    shared by the decoders of every batch size and cache length (1.5B's are 3 GB)."""
+    if model not in _WEIGHTS:
+        _WEIGHTS[model] = {
+            n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2
+        }
+    return _WEIGHTS[model]
+
+
 def batch_decode(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
     """`model.decode` for a batch's token at pos (tokens is (B, S + 1)): (B, V) float32 logits.
 
@@ -331,19 +344,6 @@ def batch_decode(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
         x = x + block.attn.c_proj(y)
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(h.ln_f(x)).masked_fill(model.vocab_pad, float("-inf")).float()
-
-
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
-
-
-def decode_weights(model: GPT) -> dict[str, torch.Tensor]:
-    """bfloat16 copies of every matrix as (out, in), torch's own layout: one set per model,
-    shared by the decoders of every batch size and cache length (1.5B's are 3 GB)."""
-    if model not in _WEIGHTS:
-        _WEIGHTS[model] = {
-            n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if p.dim() == 2
-        }
-    return _WEIGHTS[model]
 
 
 class FusedDecoder:
