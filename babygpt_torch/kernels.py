@@ -19,9 +19,10 @@ expression as the module it replaces under bfloat16 autocast: LayerNorm and the 
 in float32, bfloat16 matmul inputs and outputs, float32 sums (tested against those expressions in
 tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py` (Pallas): the same kernels, the
 same blocks. Not a lesson file: `babygpt_torch/generate.py` uses `FusedDecoder` for a lone prompt
-on a GPU, where it was measured faster (3,671 against 1,917 new tokens/s on an H200:
-docs/performance.md), and `model.decode` everywhere else: a batch reads each weight once per row
-here, once in all in cuBLAS's GEMMs.
+on a GPU (3,671 against 1,917 new tokens/s on an H200: docs/performance.md). A GEMV reads each
+weight once per row, so from BATCH_FROM rows `batch_decode` keeps the model's own modules, whose
+cuBLAS GEMMs read it once for all rows, and replaces only attention, by
+`_decode_attention_rows_kernel` (50,313 against 47,030 at batch 32). Between, `model.decode`.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
 check them on a CPU. The interpreter rounds to bfloat16 by truncating where a GPU rounds to
