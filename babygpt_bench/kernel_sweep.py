@@ -57,6 +57,11 @@ def time_us(fn, launches: int = 100, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (launches * replays)
 
 
+def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest |actual - expected| as a fraction of the largest |expected|."""
+    return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+
+
 def _cases(config: ModelConfig, device: str):
     """(shape, K, N, run, result, reference, cuBLAS) for each matmul of a decode step, batch 1."""
     from babygpt_torch import kernels
@@ -114,7 +119,7 @@ def sweep(config: ModelConfig, grid, cuda: bool) -> list[dict]:
                 kernels.BLOCK_N, kernels.BLOCK_K = block_n, block_k
                 kernels.LN_WARPS = kernels.RESIDUAL_WARPS = warps
                 run()
-                error = ((result() - expected).abs().max() / expected.abs().max()).item()
+                error = _rel_error(result(), expected)
                 us = time_us(run) if cuda else None
                 rows.append(dict(shape=shape, K=K, N=N, kernel="triton", block_n=block_n, block_k=block_k,
                                  warps=warps, us=us, rel_error=error))  # fmt: skip
@@ -157,7 +162,7 @@ def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len
 
         def add(kernel, run, result, **setting):
             run()
-            error = ((result().float() - expected).abs().max() / expected.abs().max()).item()
+            error = _rel_error(result(), expected)
             us = time_us(run) if cuda else None
             rows.append(dict(shape="attention", batch=batch, cache=cache_len, pos=pos, kernel=kernel, **setting,
                              us=us, rel_error=error))  # fmt: skip
@@ -179,8 +184,7 @@ def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len
             add("rows", run, lambda: y, block_s=block_s, warps=warps)
         return rows
 
-    rows = [row for pos in (cache_len // 3, 2 * cache_len // 3 - 1, cache_len - 1) for row in at(pos)]
-    return rows
+    return [row for pos in (cache_len // 3, 2 * cache_len // 3 - 1, cache_len - 1) for row in at(pos)]
 
 
 def attention_summary(rows: list[dict]) -> str:
@@ -230,7 +234,9 @@ def main() -> None:
     parser.add_argument(
         "--attention", action="store_true", help="sweep the batch attention kernel instead of the matmuls"
     )
-    parser.add_argument("--out", default="out/kernel-sweep", help="where sweep.json goes")
+    parser.add_argument(
+        "--out", default="out/kernel-sweep", help="where sweep.json (or sweep-attention.json) goes"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     config = ModelConfig.preset(args.preset, **({} if cuda else {"vocab_size": 200}))
@@ -239,31 +245,19 @@ def main() -> None:
 
         batch, cache_len = (32, 384) if cuda else (BATCH_FROM, 192)
         rows = attention_sweep(config, ROWS_GPU_GRID if cuda else ROWS_CPU_GRID, cuda, batch, cache_len)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name() if cuda else "cpu (Triton's interpreter: checked, not timed)"
-        (out / "sweep-attention.json").write_text(
-            json.dumps({"preset": args.preset, "device": device, "rows": rows}, indent=1)
-        )
-        if cuda:
-            print(attention_summary(rows))
-        worst = max(r["rel_error"] for r in rows)
-        print(
-            f"{len(rows)} rows, largest error against SDPA {worst:.1e}; wrote {out / 'sweep-attention.json'}"
-        )
-        return
-    rows = sweep(config, GPU_GRID if cuda else CPU_GRID, cuda)
+        name, report, reference = "sweep-attention.json", attention_summary, "SDPA"
+    else:
+        rows = sweep(config, GPU_GRID if cuda else CPU_GRID, cuda)
+        name, report, reference = "sweep.json", summary, "F.linear"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cuda else "cpu (Triton's interpreter: checked, not timed)"
-    (out / "sweep.json").write_text(
-        json.dumps({"preset": args.preset, "device": device, "rows": rows}, indent=1)
-    )
+    (out / name).write_text(json.dumps({"preset": args.preset, "device": device, "rows": rows}, indent=1))
     if cuda:
-        print(summary(rows))
-    worst = max(r["rel_error"] for r in rows if r["kernel"] == "triton")
+        print(report(rows))
+    worst = max(r["rel_error"] for r in rows if "rel_error" in r)  # cuBLAS rows are the reference
     print(
-        f"{len(rows)} rows, largest error against F.linear {worst:.1e} of the largest output; wrote {out / 'sweep.json'}"
+        f"{len(rows)} rows, largest error against {reference} {worst:.1e} of the largest output; wrote {out / name}"
     )
 
 

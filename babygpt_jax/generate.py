@@ -190,7 +190,7 @@ def generate(
     else:
         cache = model.init_cache(rows, S, model.dtype)
         cache, token = prefill(model, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)
-        weights = weights_of(model)  # once per call, not once per token
+        weights = weights_of(model, rows)  # once per call, not once per token
         for pos in range(shortest, cached_last + 1):
             padded[:, pos] = np.asarray(token)
             collector.add(pos, padded[:B, pos].tolist())
@@ -218,7 +218,7 @@ def _kernels_fit(model) -> bool:
 def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
     """The jitted prefill, decode step, whole decode loop and window step (greedy or sampled, and
     filters), each taking the model as its first argument (jax.jit compiles them once per model
-    structure), and `weights_of(model)`: what the fused kernels read (None without them). Greedy
+    structure), and `weights_of(model, rows)`: what the fused kernels read (None without them). Greedy
     is compiled apart: a greedy step draws no random numbers."""
     from babygpt_jax import kernels
 
@@ -247,8 +247,9 @@ def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
         last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
         return cache, choose(last_logits, n, tokens, lengths, key, settings)
 
-    def weights_of(model):
-        return kernels.decode_weights(eval_mode(model)) if fused else None
+    def weights_of(model, rows: int):
+        # A batch's fused path (BATCH_FROM rows) reads the model's own weights, not these copies.
+        return kernels.decode_weights(eval_mode(model)) if fused and rows < BATCH_FROM else None
 
     def step(model, weights, cache, token, pos, tokens, lengths, key, settings):
         if fused:  # the same step in hand-written kernels (kernels.py)
@@ -275,7 +276,7 @@ def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
             model, model.init_cache(B, S, model.dtype), chunk, n, tokens, lengths, key, settings
         )
         tokens, done = write(tokens, token, n)
-        weights = weights_of(model)
+        weights = weights_of(model, B)
 
         def not_done(carry):
             pos, _, _, done = carry
@@ -302,9 +303,7 @@ def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
         x = h.wte(window) + h.wpe(jnp.arange(window.shape[1]))  # (B, T, C)
         for block in h.h:
             x, _ = block(x)
-        x = h.ln_f(x[:, -1])  # (B, C)
-        logits = x.astype(model.dtype) @ h.wte.embedding[...].astype(model.dtype).T  # (B, V)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) >= model.config.vocab_size, -jnp.inf, logits)
+        logits = model.head(h.ln_f(x[:, -1]))  # (B, V)
         return sample(logits, jax.random.fold_in(key, pos), temperature, *filters).astype(jnp.int32)
 
     return (
@@ -312,5 +311,5 @@ def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
         jax.jit(step, donate_argnums=2),
         jax.jit(decode_loop, donate_argnums=4, compiler_options=LOOP_OPTIONS),
         jax.jit(window_step),
-        jax.jit(weights_of),
+        jax.jit(weights_of, static_argnums=1),
     )

@@ -263,33 +263,27 @@ def decode_attention(qkv, k_cache, v_cache, pos):
     which gains this position's keys and values (in place: the caches are aliased). Below
     BATCH_FROM rows each head's slots are split across programs, then combined."""
     B, S, n_head, hs = k_cache.shape
+    C = n_head * hs
+    caches = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache))  # aliased
     if B >= BATCH_FROM:  # one program per (row, head), nothing to combine
         return _call(
             functools.partial(_decode_attention_rows_kernel, block_s=ROWS_BLOCK_S["jax"]),
             num_warps=ROWS_WARPS,
             grid=(B, n_head),
-            out_shape=(
-                jax.ShapeDtypeStruct((B, n_head * hs), qkv.dtype),
-                jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-            ),
+            out_shape=(jax.ShapeDtypeStruct((B, C), qkv.dtype), *caches),
             input_output_aliases={2: 1, 3: 2},
         )(qkv, pos, k_cache, v_cache)
     NB = attention_blocks(S)
     part, k_cache, v_cache = _call(
         functools.partial(_decode_attention_kernel, block_s=BLOCK_S),
         grid=(B, n_head, NB),
-        out_shape=(
-            jax.ShapeDtypeStruct((3, NB, B, n_head * hs), _F32),
-            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-        ),
+        out_shape=(jax.ShapeDtypeStruct((3, NB, B, C), _F32), *caches),
         input_output_aliases={2: 1, 3: 2},
     )(qkv, pos, k_cache, v_cache)
     y = _call(
         functools.partial(_combine_kernel, block_s=BLOCK_S, head_size=hs),
         grid=(B, n_head),
-        out_shape=jax.ShapeDtypeStruct((B, n_head * hs), qkv.dtype),
+        out_shape=jax.ShapeDtypeStruct((B, C), qkv.dtype),
     )(part, pos)
     return y, k_cache, v_cache
 
@@ -322,10 +316,7 @@ def batch_decode(model, token, kv_cache, pos):
         x = x + block.attn.c_proj(y)
         x = x + block.mlp(block.ln_2(x))
         new_cache.append((k_cache, v_cache))
-    x = h.ln_f(x).astype(model.dtype)
-    logits = x @ h.wte.embedding[...].astype(model.dtype).T  # (B, V) the tied head, as in _logits
-    logits = jnp.where(jnp.arange(logits.shape[-1]) >= model.config.vocab_size, -jnp.inf, logits)
-    return logits.astype(_F32), new_cache
+    return model.head(h.ln_f(x)).astype(_F32), new_cache
 
 
 def fused_decode(model, weights: dict, token, kv_cache, pos):

@@ -144,7 +144,7 @@ class GPT(nnx.Module):
             h=nnx.List([block(config, rngs=rngs, dtype=dtype) for _ in range(config.n_layer)]),
             ln_f=_layer_norm(config, rngs, dtype),
         )
-        # No lm_head module: weight tying is reusing wte's table in `_logits`.
+        # No lm_head module: weight tying is reusing wte's table in `head`.
 
     def __call__(self, idx, targets=None):
         logits, _ = self._logits(idx)
@@ -167,11 +167,14 @@ class GPT(nnx.Module):
         for i, block in enumerate(self.transformer.h):
             x, layer_cache = block(x, None if kv_cache is None else kv_cache[i], pos)
             new_cache.append(layer_cache)
-        x = self.transformer.ln_f(x)
-        wte = self.transformer.wte.embedding[...]
-        logits = x.astype(self.dtype) @ wte.astype(self.dtype).T  # (B, T, V) the tied lm_head
-        logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.config.vocab_size, -jnp.inf, logits)
+        logits = self.head(self.transformer.ln_f(x))  # (B, T, V)
         return logits, None if kv_cache is None else new_cache
+
+    def head(self, x):
+        """The tied lm_head: logits over the padded vocabulary, from wte's table; padded entries -inf."""
+        wte = self.transformer.wte.embedding[...]
+        logits = x.astype(self.dtype) @ wte.astype(self.dtype).T  # (..., V)
+        return jnp.where(jnp.arange(logits.shape[-1]) >= self.config.vocab_size, -jnp.inf, logits)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
         c = self.config

@@ -251,8 +251,7 @@ def _compiled_steps(
         x = h.wte(window) + h.wpe(torch.arange(window.size(1), device=window.device))  # (B, T, C)
         for block in h.h:
             x, _ = block(x)
-        logits = model.lm_head(h.ln_f(x[:, -1]))  # (B, V)
-        return logits.masked_fill(model.vocab_pad, float("-inf")).float()
+        return model.head(h.ln_f(x[:, -1])).float()  # (B, V)
 
     buffers = (cache, tokens, lengths, pos)
     static = [tokens, lengths, pos, *(t for layer in cache for t in layer)]

@@ -276,22 +276,14 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     and values. Below BATCH_FROM rows each head's slots are split across programs, and part is
     (3, attention_blocks(S), B, C) float32 scratch for their shares; from it, unused."""
     B, n_head, S, hs = k_cache.shape
+    C = n_head * hs
     if B >= BATCH_FROM:
+        rows_block = ROWS_BLOCK_S["torch"]
         _decode_attention_rows_kernel[(B, n_head)](
-            qkv,
-            k_cache,
-            v_cache,
-            pos,
-            y,
-            hs**-0.5,
-            n_head * hs,
-            S,
-            hs,
-            ROWS_BLOCK_S["torch"],
-            num_warps=ROWS_WARPS,
+            qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, rows_block, num_warps=ROWS_WARPS
         )
         return y
-    C, NB = n_head * hs, part.shape[1]
+    NB = part.shape[1]
     _decode_attention_kernel[(B, n_head, NB)](
         qkv, k_cache, v_cache, pos, part, hs**-0.5, B, C, S, hs, BLOCK_S, NB
     )
@@ -344,7 +336,7 @@ def batch_decode(model: GPT, tokens, pos, cache, y) -> torch.Tensor:
         decode_attention(block.attn.c_attn(block.ln_1(x)), k_cache, v_cache, pos, y)
         x = x + block.attn.c_proj(y)
         x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(h.ln_f(x)).masked_fill(model.vocab_pad, float("-inf")).float()
+    return model.head(h.ln_f(x)).float()
 
 
 class FusedDecoder:

@@ -142,9 +142,12 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        return logits.masked_fill(self.vocab_pad, float("-inf")), kv_cache
+        logits = self.head(self.transformer.ln_f(x))  # (B, T, V)
+        return logits, kv_cache
+
+    def head(self, x):
+        """The tied lm_head: logits over the padded vocabulary; padded entries -inf."""
+        return self.lm_head(x).masked_fill(self.vocab_pad, float("-inf"))
 
     def init_cache(self, batch_size: int, max_len: int, dtype=torch.float32) -> KVCache:
         c = self.config
