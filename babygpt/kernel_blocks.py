@@ -25,6 +25,9 @@ BATCH_FROM = 8
 # 64), Pallas' with 64 (62,210 against 58,718 with 128), the same kernel lowered two ways.
 ROWS_BLOCK_S = {"torch": 128, "jax": 64}
 ROWS_WARPS = 4
+# Blocks of the walk whose loads are in flight at once (Triton's software pipelining of the loop).
+# Triton's default, 3, was no faster than the loop unpipelined; 2 was (49,730 -> 53,476 in torch).
+ROWS_STAGES = 2
 
 
 def supported(config) -> bool:

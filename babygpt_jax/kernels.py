@@ -45,16 +45,17 @@ from babygpt.kernel_blocks import (
     LN_WARPS,
     RESIDUAL_WARPS,
     ROWS_BLOCK_S,
+    ROWS_STAGES,
     ROWS_WARPS,
 )
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
-def _call(kernel, num_warps=4, **kwargs):
+def _call(kernel, num_warps=4, num_stages=None, **kwargs):
     """pl.pallas_call, compiled to Triton on a GPU and interpreted elsewhere."""
     gpu = jax.default_backend() == "gpu"
-    params = plgpu.CompilerParams(num_warps=num_warps) if gpu else None
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages) if gpu else None
     return pl.pallas_call(kernel, interpret=not gpu, compiler_params=params, **kwargs)
 
 
@@ -269,6 +270,7 @@ def decode_attention(qkv, k_cache, v_cache, pos):
         return _call(
             functools.partial(_decode_attention_rows_kernel, block_s=ROWS_BLOCK_S["jax"]),
             num_warps=ROWS_WARPS,
+            num_stages=ROWS_STAGES,
             grid=(B, n_head),
             out_shape=(jax.ShapeDtypeStruct((B, C), qkv.dtype), *caches),
             input_output_aliases={2: 1, 3: 2},

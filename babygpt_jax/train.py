@@ -108,7 +108,8 @@ def eval_step(params, x, y, weights, *, graphdef, rest):
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
     logits, _ = model(x[0])  # (rows, T, V)
-    return jnp.sum(jax.vmap(cross_entropy)(logits, y[0]) * weights[0])  # over every device's rows
+    losses = jax.vmap(lambda row, targets: cross_entropy(row, targets, model.config.vocab_size))(logits, y[0])
+    return jnp.sum(losses * weights[0])  # over every device's rows
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest, mesh: Mesh, param_sharding):

@@ -41,11 +41,13 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_normal": "Flax takes initializers at construction; torch re-initializes after (GPT._init_weights)",
         "_layer_norm": "Flax LayerNorm takes its float32 dtype at construction; torch autocast keeps LayerNorm in float32 itself",
         "_master": "Flax takes each module's weight and compute dtypes at construction; torch converts the built model (`.to(torch.float64)`) and autocasts the rest",
-        "cross_entropy": "jax.nn has no cross-entropy; torch calls F.cross_entropy",
+        "_cross_entropy_fwd": "jax.custom_vjp takes the loss's forward and backward as two functions; torch's autograd.Function holds them as methods of one class",
+        "_cross_entropy_bwd": "the backward that jax.custom_vjp pairs with _cross_entropy_fwd; torch's is _CrossEntropy.backward",
         "_hf_name": "Flax names parameters kernel/scale/embedding; torch's state_dict names are HF's already",
     },
     ("model", "torch"): {
         "GPT._init_weights": "torch modules init themselves by default, so GPT-2's init overwrites them by name after construction; Flax passes each init at construction",
+        "_CrossEntropy": "torch's autograd.Function holds the loss's forward and backward as methods of one class; jax.custom_vjp takes two functions",
     },
     ("data", "jax"): {
         "TokenWindowsSource": "grain reads records through a random-access data source object",

@@ -50,6 +50,7 @@ from babygpt.kernel_blocks import (  # noqa: E402
     LN_WARPS,
     RESIDUAL_WARPS,
     ROWS_BLOCK_S,
+    ROWS_STAGES,
     ROWS_WARPS,
 )
 from babygpt_torch.model import GPT  # noqa: E402
@@ -160,10 +161,12 @@ def _decode_attention_kernel(
 def _decode_attention_rows_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr,
     SCALE: tl.constexpr, C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """One (row, head) of a batch: the new key and value into the cache, then attention over slots
-    0..pos in blocks of BS, with a running maximum and normaliser (online softmax). A batch has
-    B x nh programs already, so a head's slots are not split and nothing is left to combine."""
+    0..pos in blocks of BS, with a running maximum and normaliser (online softmax), the loads of
+    STAGES blocks in flight. A batch has B x nh programs already, so a head's slots are not split
+    and nothing is left to combine."""
     row, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HS)
     pos = tl.load(pos_ptr)
@@ -175,7 +178,7 @@ def _decode_attention_rows_kernel(
     tl.store(v_cache_ptr + cache + pos * HS + d, v_new)
     m = tl.full((), float("-inf"), tl.float32)  # the largest score so far
     norm, acc = tl.zeros((), tl.float32), tl.zeros((HS,), tl.float32)  # softmax normaliser, weighted sum
-    for block in range(0, pos // BS + 1):
+    for block in tl.range(0, pos // BS + 1, num_stages=STAGES):
         slots = block * BS + tl.arange(0, BS)
         offsets = cache + slots[:, None] * HS + d[None, :]  # (BS, hs)
         seen = slots[:, None] < pos  # slot pos from registers, not from the cache just written
@@ -280,7 +283,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     if B >= BATCH_FROM:
         rows_block = ROWS_BLOCK_S["torch"]
         _decode_attention_rows_kernel[(B, n_head)](
-            qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, rows_block, num_warps=ROWS_WARPS
+            qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, rows_block, ROWS_STAGES, num_warps=ROWS_WARPS
         )
         return y
     NB = part.shape[1]

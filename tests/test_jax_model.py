@@ -143,3 +143,29 @@ def test_rngs_are_explicit():
     a, b = (nnx.state(GPT(TINY, rngs=nnx.Rngs(seed)), nnx.Param) for seed in (1, 2))
     wte = (a["transformer"]["wte"]["embedding"][...], b["transformer"]["wte"]["embedding"][...])
     assert not np.array_equal(*wte)  # the seed is the caller's
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_gradient_is_softmax_minus_one_hot(dtype):
+    """The loss's written-out gradient against autodiff of the same formula over the masked
+    logits: the loss is given them unmasked and ignores the padding itself."""
+    from babygpt_jax.model import cross_entropy
+
+    def autodiff_loss(logits, targets):
+        wide = logits.astype(jnp.float32)
+        logz = jax.nn.logsumexp(wide, axis=-1)
+        return jnp.mean(logz - jnp.take_along_axis(wide, targets[..., None], axis=-1)[..., 0])
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(3 * rng.normal(size=(2, 5, TINY.padded_vocab_size)), dtype)  # padding finite
+    targets = _tokens(2, 5, seed=1)
+    loss, grad = jax.jit(jax.value_and_grad(cross_entropy), static_argnums=2)(
+        logits, targets, TINY.vocab_size
+    )
+    masked = jnp.where(jnp.arange(TINY.padded_vocab_size) >= TINY.vocab_size, -jnp.inf, logits)
+    want_loss, want_grad = jax.value_and_grad(autodiff_loss)(masked, targets)
+    assert grad.dtype == dtype  # the gradient in the logits' dtype, as autodiff gives it
+    assert abs(float(loss) - float(want_loss)) < 1e-6
+    tol = 1e-7 if dtype == jnp.float32 else 2e-3  # bf16: one rounding of values below 1/10
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32), atol=tol)
+    assert not np.any(np.asarray(grad[..., TINY.vocab_size :], np.float32))  # no gradient into the padding

@@ -162,3 +162,25 @@ def test_non_contiguous_targets_are_accepted(model):
     _, loss = model(idx, targets)
     _, expected = model(idx, targets.contiguous())
     assert loss.item() == expected.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_gradient_is_softmax_minus_one_hot(dtype):
+    """The loss's written-out gradient against F.cross_entropy's autograd over the masked logits:
+    the loss is given them unmasked and ignores the padding itself."""
+    from babygpt_torch.model import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 128, generator=g)).to(dtype).requires_grad_()  # padding finite
+    targets = torch.randint(0, 100, (2, 5), generator=g)
+    loss = cross_entropy(logits, targets, 100)
+    (grad,) = torch.autograd.grad(loss, logits)
+    masked = logits.detach().float().masked_fill(torch.arange(128) >= 100, float("-inf"))
+    reference = masked.requires_grad_()
+    want_loss = torch.nn.functional.cross_entropy(reference.reshape(-1, 128), targets.reshape(-1))
+    (want_grad,) = torch.autograd.grad(want_loss, reference)
+    assert grad.dtype == dtype  # the gradient in the logits' dtype, as autograd gives it
+    assert abs(loss.item() - want_loss.item()) < 1e-6
+    tol = 1e-7 if dtype == torch.float32 else 2e-3  # bf16: one rounding of values below 1/10
+    torch.testing.assert_close(grad.float(), want_grad.to(grad.dtype).float(), atol=tol, rtol=0)
+    assert not grad[..., 100:].any()  # no gradient into the padding
