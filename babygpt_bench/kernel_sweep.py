@@ -12,7 +12,8 @@ checks two settings on the preset with a 200-token vocabulary in Triton's interp
 nothing (what the tests run).
 
 `--attention` sweeps the batch attention kernel instead (`_decode_attention_rows_kernel`, one
-program per (row, head), used from BATCH_FROM rows) over ROWS_BLOCK_S x warps at batch 32 and a
+program per (row, head), used from BATCH_FROM rows) over ROWS_BLOCK_S x warps x ROWS_STAGES (blocks
+whose loads are in flight at once) at batch 32 and a
 384-slot cache (prompt 128 + 256 new tokens), at three positions, beside SDPA as `model.decode`
 calls it and the split kernels with their combine; writes `sweep-attention.json`. These times
 are lower than inside a decode step (12.7 against 19.1 us a layer on an H200, blocks of 64),
@@ -35,8 +36,8 @@ from babygpt.config import ModelConfig
 
 GPU_GRID = list(itertools.product((4, 8, 16, 32), (256, 1024), (2, 4, 8)))  # BLOCK_N, BLOCK_K, warps
 CPU_GRID = [(4, 1024, 2), (8, 32, 4)]  # one chunk wider than K; several chunks
-ROWS_GPU_GRID = list(itertools.product((32, 64, 128, 256), (2, 4, 8)))  # ROWS_BLOCK_S, warps
-ROWS_CPU_GRID = [(64, 4), (128, 4)]
+ROWS_GPU_GRID = list(itertools.product((32, 64, 128, 256), (2, 4, 8), (1, 2, 3)))  # block, warps, stages
+ROWS_CPU_GRID = [(64, 4, 2), (128, 4, 1)]
 
 
 def time_us(fn, launches: int = 100, replays: int = 10) -> float:
@@ -131,7 +132,7 @@ def sweep(config: ModelConfig, grid, cuda: bool) -> list[dict]:
 
 
 def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len: int) -> list[dict]:
-    """The batch attention kernel under each (ROWS_BLOCK_S, warps), SDPA and the split kernels,
+    """The batch attention kernel under each (ROWS_BLOCK_S, warps, stages), SDPA and the split kernels,
     at three positions; every result checked against SDPA in float32 first."""
     from babygpt_torch import kernels
 
@@ -177,11 +178,11 @@ def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len
             kernels._combine_kernel[(batch, nh)](part, p, y, batch, C, hs, kernels.BLOCK_S, NB)
 
         add("split", split, lambda: y, block_s=kernels.BLOCK_S)
-        for block_s, warps in grid:
-            run = lambda s=block_s, w=warps: kernels._decode_attention_rows_kernel[(batch, nh)](
-                qkv, k_cache, v_cache, p, y, hs**-0.5, C, cache_len, hs, s, num_warps=w
+        for block_s, warps, stages in grid:
+            run = lambda s=block_s, w=warps, n=stages: kernels._decode_attention_rows_kernel[(batch, nh)](
+                qkv, k_cache, v_cache, p, y, hs**-0.5, C, cache_len, hs, s, n, num_warps=w
             )
-            add("rows", run, lambda: y, block_s=block_s, warps=warps)
+            add("rows", run, lambda: y, block_s=block_s, warps=warps, stages=stages)
         return rows
 
     return [row for pos in (cache_len // 3, 2 * cache_len // 3 - 1, cache_len - 1) for row in at(pos)]
@@ -190,23 +191,21 @@ def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len
 def attention_summary(rows: list[dict]) -> str:
     positions = list(dict.fromkeys(r["pos"] for r in rows))
     lines = [
-        f"{'kernel':<28}"
+        f"{'kernel':<37}"
         + "".join(f"{'pos ' + str(p):>10}" for p in positions)
         + f"{'mean':>10}  (us a call)"
     ]
-    settings = dict.fromkeys((r["kernel"], r.get("block_s"), r.get("warps")) for r in rows)
-    for kernel, block_s, warps in settings:
-        us = [
-            r["us"]
-            for r in rows
-            if (r["kernel"], r.get("block_s"), r.get("warps")) == (kernel, block_s, warps)
-        ]
+    key = lambda r: (r["kernel"], r.get("block_s"), r.get("warps"), r.get("stages"))
+    for setting in dict.fromkeys(key(r) for r in rows):
+        us = [r["us"] for r in rows if key(r) == setting]
+        kernel, block_s, warps, stages = setting
         name = (
             kernel
             + ("" if block_s is None else f" slots {block_s}")
             + ("" if warps is None else f" warps {warps}")
+            + ("" if stages is None else f" stages {stages}")
         )
-        lines.append(f"{name:<28}" + "".join(f"{u:>10.2f}" for u in us) + f"{sum(us) / len(us):>10.2f}")
+        lines.append(f"{name:<37}" + "".join(f"{u:>10.2f}" for u in us) + f"{sum(us) / len(us):>10.2f}")
     return "\n".join(lines)
 
 

@@ -500,6 +500,7 @@ def test_kernel_sweep_attention_checks_every_setting_against_sdpa(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "sweep-attention.json").read_text())["rows"]
     assert [r["kernel"] for r in rows[:4]] == ["sdpa", "split", "rows", "rows"] and len(rows) == 12
+    assert {r.get("stages") for r in rows if r["kernel"] == "rows"} == {1, 2}  # pipelined or not
     assert len({r["pos"] for r in rows}) == 3 and all(r["us"] is None for r in rows)
     assert all(r["rel_error"] <= 4 * 2.0**-8 for r in rows), [r["rel_error"] for r in rows]
 
