@@ -209,7 +209,7 @@ def cross_entropy(logits, targets, vocab_size: int):
     (softmax - one_hot) / N, rather than derived by autodiff, which kept float32 copies of the
     (B, T, V) logits, scattered the target's -1 into a zero tensor of that size and stored the
     masked logits: one fused pass over the logits, and nothing logits-sized kept but them (at
-    124M, B=32: ~5 ms and 3.1 GiB less a step, docs/performance.md)."""
+    124M, B=32: 2.7 ms and 3.1 GiB less a step, docs/performance.md)."""
     return _cross_entropy_fwd(logits, targets, vocab_size)[0]
 
 
