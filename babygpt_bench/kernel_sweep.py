@@ -13,8 +13,8 @@ nothing (what the tests run).
 
 `--attention` sweeps the batch attention kernel instead (`_decode_attention_rows_kernel`, one
 program per (row, head), used from BATCH_FROM rows) over ROWS_BLOCK_S x warps x ROWS_STAGES (blocks
-whose loads are in flight at once) at batch 32 and a
-384-slot cache (prompt 128 + 256 new tokens), at three positions, beside SDPA as `model.decode`
+whose loads are in flight at once) at batch 32 and a 384-slot cache (prompt 128 + 256 new tokens),
+at three positions, beside SDPA as `model.decode`
 calls it and the split kernels with their combine; writes `sweep-attention.json`. These times
 are lower than inside a decode step (12.7 against 19.1 us a layer on an H200, blocks of 64),
 likely because alone the cache (38 MB at GPT-2 124M) fits mostly in the 50 MB L2: the settings in
