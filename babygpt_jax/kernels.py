@@ -43,6 +43,8 @@ from babygpt.kernel_blocks import (
     BLOCK_N,
     BLOCK_S,
     LN_WARPS,
+    LOSS_BLOCK_V,
+    LOSS_WARPS,
     RESIDUAL_WARPS,
     ROWS_BLOCK_S,
     ROWS_STAGES,
@@ -213,6 +215,82 @@ def _combine_kernel(part_ref, pos_ref, y_ref, *, block_s, head_size):
     # from block 0, which always holds slot 0, through the blocks up to pos
     _, norm, acc = lax.fori_loop(1, pos_ref[()] // block_s + 1, body, at(0))
     y_ref[row, cols] = (acc / norm).astype(y_ref.dtype)
+
+
+def _logsumexp_kernel(logits_ref, logz_ref, *, vocab, block_v):
+    """logz[row] = log(sum(exp(logits[row, :vocab]))) in one read of the row: a running maximum
+    and a sum rescaled whenever it grows (online softmax). The padding is never read."""
+    row = pl.program_id(0)
+
+    def body(block, carry):
+        m, total = carry
+        start = pl.multiple_of(block * block_v, block_v)
+        v = start + jnp.arange(block_v)
+        at = logits_ref.at[row, pl.ds(start, block_v)]
+        x = plgpu.load(at, mask=v < vocab, other=-jnp.inf).astype(_F32)
+        m_new = jnp.maximum(m, x.max())
+        return m_new, total * jnp.exp(m - m_new) + jnp.exp(x - m_new).sum()
+
+    m, total = lax.fori_loop(0, pl.cdiv(vocab, block_v), body, (jnp.float32(-jnp.inf), jnp.float32(0)))
+    logz_ref[row] = m + jnp.log(total)
+
+
+def _cross_entropy_grad_kernel(logits_ref, targets_ref, logz_ref, scale_ref, grad_ref, *, vocab, block_v):
+    """grad[row] = (softmax(logits[row]) - one_hot(target)) * scale over all V entries, 0 on the
+    padding: one read of the row and one write."""
+    row = pl.program_id(0)
+    V = logits_ref.shape[1]
+    logz, target, scale = logz_ref[row], targets_ref[row], scale_ref[()]
+
+    def body(block, carry):
+        start = pl.multiple_of(block * block_v, block_v)
+        v = start + jnp.arange(block_v)
+        x = plgpu.load(logits_ref.at[row, pl.ds(start, block_v)], mask=v < vocab, other=-jnp.inf)
+        g = (jnp.exp(x.astype(_F32) - logz) - (v == target).astype(_F32)) * scale
+        plgpu.store(grad_ref.at[row, pl.ds(start, block_v)], g.astype(grad_ref.dtype), mask=v < V)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(V, block_v), body, 0)
+
+
+def cross_entropy(logits, targets, vocab_size: int, block_v=LOSS_BLOCK_V["jax"], num_warps=LOSS_WARPS):
+    """`model.cross_entropy` in two kernels, one a pass over the logits: the forward's logsumexp
+    and the backward's gradient, each reading the (N, V) logits once, where XLA's fusions of the
+    written-out expression take about twice as long (docs/performance.md). Float32 logz and loss;
+    the gradient in the logits' dtype."""
+    rows = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    return _rows_cross_entropy(rows, targets.reshape(-1), vocab_size, block_v, num_warps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _rows_cross_entropy(rows, targets, vocab_size, block_v, num_warps):  # (N, V), (N,)
+    return _cross_entropy_fwd(rows, targets, vocab_size, block_v, num_warps)[0]
+
+
+def _cross_entropy_fwd(rows, targets, vocab_size, block_v, num_warps):
+    logz = _call(
+        functools.partial(_logsumexp_kernel, vocab=vocab_size, block_v=block_v),
+        num_warps=num_warps,
+        grid=(rows.shape[0],),
+        out_shape=jax.ShapeDtypeStruct((rows.shape[0],), _F32),
+    )(rows)
+    target_logit = jnp.take_along_axis(rows, targets[:, None], axis=1)[:, 0].astype(_F32)
+    return jnp.mean(logz - target_logit), (rows, targets, logz)
+
+
+def _cross_entropy_bwd(vocab_size, block_v, num_warps, saved, g):
+    rows, targets, logz = saved
+    grad = _call(
+        functools.partial(_cross_entropy_grad_kernel, vocab=vocab_size, block_v=block_v),
+        num_warps=num_warps,
+        grid=(rows.shape[0],),
+        out_shape=jax.ShapeDtypeStruct(rows.shape, rows.dtype),
+        input_output_aliases={0: 0},  # into the logits' buffer: each block is read, then written
+    )(rows, targets, logz, (g / targets.size).astype(_F32))
+    return grad, None  # integer targets have no gradient
+
+
+_rows_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def ln_linear(x, ln_scale, ln_bias, weight, bias, *, eps, gelu=False, valid_n=None, out_dtype=_BF16):

@@ -147,13 +147,17 @@ class GPT(nnx.Module):
         # No lm_head module: weight tying is reusing wte's table in `head`.
 
     def __call__(self, idx, targets=None):
-        logits, _ = self._logits(idx, mask=False)  # (B, T, V), the padding not yet -inf
-        loss = None
-        if targets is not None:
-            # The loss in float32 whatever the compute dtype. It masks the padding itself, inside
-            # its own passes over the logits, so no masked copy is stored for the backward pass.
-            loss = cross_entropy(logits, targets, self.config.vocab_size)
-        return mask_padding(logits, self.config.vocab_size), loss
+        """(logits, loss): the logits over the tokenizer's vocabulary (B, T, vocab_size), without
+        the padding, and with targets the mean loss, which carries the gradient. Then the logits
+        come back with none (as in the torch model, where a gradient path through them costs the
+        backward a pass; under jit XLA drops what nothing reads either way)."""
+        logits, _ = self._logits(idx, mask=False)  # (B, T, V), the padding not masked
+        if targets is None:
+            return logits[..., : self.config.vocab_size], None
+        # The loss in float32 whatever the compute dtype. It masks the padding itself, inside its
+        # own passes over the logits, so no masked copy is stored for the backward pass.
+        loss = training_loss(logits, targets, self.config.vocab_size)
+        return jax.lax.stop_gradient(logits[..., : self.config.vocab_size]), loss
 
     def decode(self, idx, kv_cache: KVCache, pos):
         """Logits for idx at positions pos.., and the kv_cache extended by them (a new value)."""
@@ -200,6 +204,18 @@ def mask_padding(logits, vocab_size: int):
     64), so that they take no probability mass."""
     padding = jnp.arange(logits.shape[-1]) >= vocab_size
     return jnp.where(padding, -jnp.inf, logits)
+
+
+def training_loss(logits, targets, vocab_size: int):
+    """cross_entropy below, or on one GPU the same two passes over the logits as two hand-written
+    kernels (`babygpt_jax/kernels.py`), each reading them once: faster than XLA's fusions of the
+    expression (docs/performance.md). Over several devices the expression, which XLA splits along
+    the batch; a kernel is one custom call that it would run whole on every device."""
+    if jax.default_backend() == "gpu" and jax.device_count() == 1:
+        from babygpt_jax import kernels
+
+        return kernels.cross_entropy(logits, targets, vocab_size)
+    return cross_entropy(logits, targets, vocab_size)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

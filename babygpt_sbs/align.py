@@ -73,6 +73,9 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_call": "a Pallas kernel runs through pl.pallas_call, compiled to Triton on a GPU or interpreted, by one switch; a Triton kernel is launched on its grid directly",
         "_chunk": "Pallas refuses a static slice that runs past a ref, so a K chunk is read in bounds and masked by one helper; Triton masks a load's pointers inline",
         "fused_decode": "the decode step as a function of weights and cache that returns the new cache; torch's FusedDecoder.logits writes fixed buffers in place",
+        "_rows_cross_entropy": "jax.custom_vjp pairs the loss with the two functions below; torch's _CrossEntropy class holds both",
+        "_cross_entropy_fwd": "the loss kernel's forward half of the custom_vjp; torch's _CrossEntropy.forward",
+        "_cross_entropy_bwd": "the gradient kernel's half of the custom_vjp; torch's _CrossEntropy.backward",
     },
     ("kernels", "torch"): {
         "_embed_kernel": "the embedding lookup as one kernel; XLA fuses JAX's jnp expression into one by itself",
@@ -82,6 +85,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "greedy": "launches the two greedy kernels; JAX's loop picks the token with jnp.argmax",
         "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",
         "cuda_graph": "torch records the step once and replays it per token; JAX runs the whole decode loop as one compiled while loop",
+        "_CrossEntropy": "a torch.autograd.Function holds the loss kernel's forward and the gradient kernel's backward; JAX pairs them with jax.custom_vjp",
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",

@@ -48,6 +48,8 @@ from babygpt.kernel_blocks import (  # noqa: E402
     BLOCK_N,
     BLOCK_S,
     LN_WARPS,
+    LOSS_BLOCK_V,
+    LOSS_WARPS,
     RESIDUAL_WARPS,
     ROWS_BLOCK_S,
     ROWS_STAGES,
@@ -249,6 +251,76 @@ def _greedy_kernel(
     at = tokens_ptr + row * stride + tl.load(pos_ptr) + 1
     inside = tl.load(pos_ptr) + 1 < tl.load(lengths_ptr + row)
     tl.store(at, tl.where(inside, tl.load(at), token.to(tl.int64)))
+
+
+@triton.jit
+def _logsumexp_kernel(logits_ptr, logz_ptr, stride, VOCAB: tl.constexpr, BV: tl.constexpr):
+    """logz[row] = log(sum(exp(logits[row, :VOCAB]))) in one read of the row: a running maximum
+    and a sum rescaled whenever it grows (online softmax). The padding is never read."""
+    row = tl.program_id(0)
+    at = logits_ptr + row.to(tl.int64) * stride
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    for start in range(0, VOCAB, BV):
+        v = start + tl.arange(0, BV)
+        x = tl.load(at + v, mask=v < VOCAB, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    tl.store(logz_ptr + row, m + tl.log(total))
+
+
+@triton.jit
+def _cross_entropy_grad_kernel(
+    logits_ptr, targets_ptr, logz_ptr, scale_ptr, grad_ptr, stride, VOCAB: tl.constexpr, V: tl.constexpr,
+    BV: tl.constexpr,
+):  # fmt: skip
+    """grad[row] = (softmax(logits[row]) - one_hot(target)) * scale over all V entries, 0 on the
+    padding: one read of the row and one write."""
+    row = tl.program_id(0)
+    logz, target, scale = tl.load(logz_ptr + row), tl.load(targets_ptr + row), tl.load(scale_ptr)
+    at = row.to(tl.int64) * stride
+    for start in range(0, V, BV):
+        v = start + tl.arange(0, BV)
+        x = tl.load(logits_ptr + at + v, mask=v < VOCAB, other=float("-inf")).to(tl.float32)
+        g = (tl.exp(x - logz) - (v == target).to(tl.float32)) * scale
+        tl.store(grad_ptr + at + v, g.to(grad_ptr.dtype.element_ty), mask=v < V)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, targets, vocab_size, block_v, num_warps):  # (N, V), (N,)
+        logz = torch.empty(rows.size(0), dtype=torch.float32, device=rows.device)
+        _logsumexp_kernel[(rows.size(0),)](
+            rows, logz, rows.stride(0), vocab_size, block_v, num_warps=num_warps
+        )
+        target_logit = rows.gather(1, targets[:, None])[:, 0].float()
+        ctx.save_for_backward(rows, targets, logz)
+        ctx.launch = vocab_size, block_v, num_warps
+        return (logz - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, targets, logz = ctx.saved_tensors
+        vocab_size, block_v, num_warps = ctx.launch
+        scale = (g / targets.numel()).float()  # on the device: no wait for the host
+        grad = torch.empty_like(rows)
+        _cross_entropy_grad_kernel[(rows.size(0),)](
+            rows, targets, logz, scale, grad, rows.stride(0), vocab_size, rows.size(1), block_v,
+            num_warps=num_warps,
+        )  # fmt: skip
+        return grad, None, None, None, None
+
+
+def cross_entropy(
+    logits, targets, vocab_size: int, block_v=LOSS_BLOCK_V["torch"], num_warps=LOSS_WARPS
+) -> torch.Tensor:
+    """`model.cross_entropy` in two kernels, one a pass over the logits: the forward's logsumexp
+    and the backward's gradient, each reading the (N, V) logits once, where torch.compile's kernels
+    for the written-out expression take about twice as long (docs/performance.md). Float32 logz
+    and loss; the gradient in the logits' dtype."""
+    rows = logits.reshape(-1, logits.size(-1)).contiguous()  # (N, V)
+    return _CrossEntropy.apply(rows, targets.reshape(-1).contiguous(), vocab_size, block_v, num_warps)
 
 
 def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:

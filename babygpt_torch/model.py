@@ -121,13 +121,17 @@ class GPT(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        logits, _ = self._logits(idx, mask=False)  # (B, T, V), the padding not yet -inf
-        loss = None
-        if targets is not None:
-            # The loss in float32 whatever the compute dtype. It masks the padding itself, inside
-            # its own passes over the logits, so no masked copy is stored for the backward pass.
-            loss = cross_entropy(logits, targets, self.config.vocab_size)
-        return mask_padding(logits, self.config.vocab_size), loss
+        """(logits, loss): the logits over the tokenizer's vocabulary (B, T, vocab_size), a view
+        without the padding, and with targets the mean loss, which carries the gradient. Then the
+        logits come back detached: a gradient path through them would cost the compiled backward a
+        zero-filled tangent and a pass over it, logits-sized (3 GiB at 124M, B=32)."""
+        logits, _ = self._logits(idx, mask=False)  # (B, T, V), the padding not masked
+        if targets is None:
+            return logits[..., : self.config.vocab_size], None
+        # The loss in float32 whatever the compute dtype. It masks the padding itself, inside its
+        # own passes over the logits, so no masked copy is stored for the backward pass.
+        loss = training_loss(logits, targets, self.config.vocab_size)
+        return logits[..., : self.config.vocab_size].detach(), loss
 
     def decode(self, idx, kv_cache: KVCache, pos):
         """Logits for idx at positions pos.., reading and extending kv_cache (in place)."""
@@ -174,6 +178,17 @@ def mask_padding(logits, vocab_size: int):
     64), so that they take no probability mass."""
     padding = torch.arange(logits.size(-1), device=logits.device) >= vocab_size
     return logits.masked_fill(padding, float("-inf"))
+
+
+def training_loss(logits, targets, vocab_size: int):
+    """cross_entropy below, or on a GPU the same two passes over the logits as two hand-written
+    kernels (`babygpt_torch/kernels.py`), each reading them once: faster than what torch.compile
+    makes of the expression (docs/performance.md)."""
+    if logits.is_cuda:
+        from babygpt_torch import kernels  # Triton comes with torch's CUDA builds
+
+        return kernels.cross_entropy(logits, targets, vocab_size)
+    return cross_entropy(logits, targets, vocab_size)
 
 
 def cross_entropy(logits, targets, vocab_size: int):

@@ -30,11 +30,25 @@ def _tokens(B: int, T: int, seed: int = 0, vocab: int = TINY.vocab_size) -> jnp.
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, T)), dtype=jnp.int32)
 
 
-def test_logits_shape_is_batch_time_padded_vocab(model, forward):
+def test_logits_shape_is_batch_time_vocab(model, forward):
     idx = _tokens(3, 16)
     logits, loss = forward(model, idx, idx)
-    assert logits.shape == (3, 16, TINY.padded_vocab_size)  # 100 padded to 128
+    assert logits.shape == (3, 16, TINY.vocab_size)  # the padding (100 -> 128) stays inside
     assert loss.shape == ()
+
+
+def test_with_targets_only_the_loss_carries_a_gradient(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def total(params, idx):
+        logits, loss = nnx.merge(graphdef, params, rest)(idx, idx)
+        return jnp.sum(logits), loss
+
+    idx = _tokens(2, 8)
+    through_logits = jax.grad(lambda p: total(p, idx)[0])(params)
+    assert all(np.all(g == 0) for g in jax.tree.leaves(through_logits))
+    through_loss = jax.grad(lambda p: total(p, idx)[1])(params)
+    assert any(np.any(g != 0) for g in jax.tree.leaves(through_loss))
 
 
 def test_init_follows_gpt2(model):
@@ -67,8 +81,9 @@ def test_future_tokens_do_not_change_past_logits(model, forward):
     assert not np.allclose(la[:, 10:, :100], lb[:, 10:, :100])
 
 
-def test_padded_logits_are_minus_inf(model, forward):
-    logits, _ = forward(model, _tokens(2, 8), _tokens(2, 8))
+def test_the_head_gives_the_padding_minus_inf(model):
+    logits = model.head(jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, TINY.n_embd)), jnp.float32))
+    assert logits.shape == (2, 8, TINY.padded_vocab_size)
     assert np.all(np.isneginf(logits[..., TINY.vocab_size :]))
     assert np.all(np.isfinite(logits[..., : TINY.vocab_size]))
 

@@ -428,3 +428,60 @@ def test_the_kernels_fit_every_gpt2_preset():
     assert all(supported(M.preset(p)) for p in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
     assert supported(M(n_embd=32, n_head=2))  # head size 16
     assert not supported(M(n_embd=96, n_head=2)) and not supported(M(bias=False))  # head size 48
+
+
+# The training loss's two kernels, on rows of 256 logits of which 200 are the vocabulary: blocks of
+# 64 (four, the last reaching past the vocabulary) and of 1024 (one, masked past it). The padding
+# holds large values, so a kernel that read it would show; the loss is doubled, so the upstream
+# gradient must reach the kernel's scale.
+LOSS_V, LOSS_VOCAB = 256, 200
+LOSS_CASES = pytest.mark.parametrize("block_v", [64, 1024])
+
+
+def loss_logits(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = 3 * rng.normal(size=(2, 5, LOSS_V)).astype(np.float32)
+    logits[..., LOSS_VOCAB:] = 1e4
+    return logits, rng.integers(0, LOSS_VOCAB, (2, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@LOSS_CASES
+def test_triton_cross_entropy_is_the_written_out_loss(tk, dtype, block_v):
+    from babygpt_torch.model import cross_entropy
+
+    logits, targets = loss_logits()
+    targets = torch.from_numpy(targets).to(DEVICE)
+    a = torch.from_numpy(logits).to(DEVICE, dtype).requires_grad_()
+    b = torch.from_numpy(logits).to(DEVICE, dtype).requires_grad_()
+    loss = tk.cross_entropy(a, targets, LOSS_VOCAB, block_v=block_v)
+    expected = cross_entropy(b, targets, LOSS_VOCAB)
+    (2 * loss).backward()
+    (2 * expected).backward()
+    assert loss.dtype == torch.float32 and a.grad.dtype == dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    scale = b.grad.abs().max().item()  # 2 / 10 rows
+    atol = 1e-6 if dtype == torch.float32 else 2 * BF16 * scale  # the interpreter truncates
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=0, atol=atol)
+    assert (a.grad[..., LOSS_VOCAB:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@LOSS_CASES
+def test_pallas_cross_entropy_is_the_written_out_loss(pk, dtype, block_v):
+    import jax
+    import jax.numpy as jnp
+
+    from babygpt_jax.model import cross_entropy
+
+    logits, targets = loss_logits()
+    logits, targets = jnp.asarray(logits, dtype), jnp.asarray(targets)
+    kernel = lambda x: 2 * pk.cross_entropy(x, targets, LOSS_VOCAB, block_v=block_v)
+    loss, grad = jax.value_and_grad(kernel)(logits)
+    expected, expected_grad = jax.value_and_grad(lambda x: 2 * cross_entropy(x, targets, LOSS_VOCAB))(logits)
+    assert loss.dtype == jnp.float32 and grad.dtype == logits.dtype
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    grad, expected_grad = np.asarray(grad, np.float32), np.asarray(expected_grad, np.float32)
+    atol = 1e-6 if dtype == "float32" else BF16 * np.abs(expected_grad).max()
+    np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=atol)
+    assert np.all(grad[..., LOSS_VOCAB:] == 0)

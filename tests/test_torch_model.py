@@ -23,10 +23,12 @@ def model() -> GPT:
 def test_shapes(model):
     idx = torch.randint(0, 100, (3, 16))
     logits, loss = model(idx)
-    assert logits.shape == (3, 16, 128)  # padded vocabulary
+    assert logits.shape == (3, 16, 100)  # the padding (100 -> 128) stays inside
     assert loss is None
-    _, loss = model(idx, idx)
+    logits, loss = model(idx, idx)
     assert loss.shape == () and loss.dtype == torch.float32
+    assert logits.shape == (3, 16, 100) and not logits.requires_grad  # only the loss carries a gradient
+    assert loss.requires_grad
 
 
 def test_init_statistics_are_gpt2s():
@@ -102,7 +104,8 @@ def test_a_future_token_never_changes_an_earlier_logit(model):
 
 @torch.no_grad()
 def test_padded_logits_are_minus_inf_and_never_win(model):
-    logits, _ = model(torch.randint(0, 100, (2, 16)))
+    logits = model.head(torch.randn(2, 16, model.config.n_embd))  # what decoding samples from
+    assert logits.shape == (2, 16, 128)
     assert torch.isneginf(logits[..., 100:]).all()
     assert torch.isfinite(logits[..., :100]).all()
     assert (logits.argmax(-1) < 100).all()
