@@ -20,10 +20,11 @@ The estimate, per device, for one optimizer step at the configured micro-batch:
 
 Calibration (the ratio is estimate / measured peak). GPU, bf16, fused attention, from
 docs/benchmarks.md (H100 / H200): GPT-2 124M at 32 × 1024, 21.3–23.9 GiB measured, estimate
-25.5 GiB (1.07–1.20; 18.2–18.5 GiB since the loss's gradient is written out, 2026-12-02:
-1.38); 774M at 8 × 1024, 25.4–28.1 GiB, estimate 29.7 GiB (1.06–1.17); 1.5B at 8 × 1024,
-44.4–48.7 GiB, estimate 51.3 GiB (1.05–1.16). CPU, float32, peak resident memory of
-3-step runs of `train.py` (`/usr/bin/time -v`, this 2-core 24 GiB machine, 2026-12-01; torch
+25.5 GiB (1.07–1.20; 18.2–18.5 GiB since the loss's gradient is written out, 2026-12-02: 1.38;
+JAX 15.5 GiB since its loss kernel writes the gradient into the logits' buffer: 1.65); 774M at
+8 × 1024, 25.4–28.1 GiB, estimate 29.7 GiB (1.06–1.17); 1.5B at 8 × 1024, 43.5–48.7 GiB,
+estimate 51.3 GiB (1.05–1.18). CPU, float32, peak resident memory of 3-step runs of `train.py`
+(`/usr/bin/time -v`, this 2-core 24 GiB machine, 2026-12-01; torch
 eager), measured / estimate in GiB:
 
     preset, micro-batch x T    JAX                  torch

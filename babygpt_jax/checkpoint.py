@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.files import require_space
@@ -127,10 +128,14 @@ def restore_checkpoint(
         target = jax.tree.map(
             ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state, "rng": rng}
         )
+        restore = lambda target: manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
         try:
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
-                "state"
-            ]
+            try:
+                state = restore(target)
+            except ValueError:  # written before the train state held plain dicts?
+                state = _plain(restore(_as_variables(target, params)))
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise BabyGPTError(
@@ -138,6 +143,25 @@ def restore_checkpoint(
                 f" ({type(e).__name__}: {first}); {fix}"
             ) from None
     return {"step": int(meta["step"]), "loader": meta["loader"], **state}
+
+
+def _as_variables(target: dict, params) -> dict:
+    """`target` laid out as checkpoints were until 2026-12-02, when the parameters and the AdamW
+    moments shaped like them were `nnx.State`s of `nnx.Param`s, which orbax stores one level
+    deeper (under "value")."""
+    shape = jax.tree.structure(params)
+    like_params = lambda x: isinstance(x, dict) and x and jax.tree.structure(x) == shape
+    wrap = lambda x: jax.tree.map(nnx.Param, x) if like_params(x) else x
+    return jax.tree.map(wrap, target, is_leaf=like_params)
+
+
+def _plain(state: dict) -> dict:
+    """The arrays out of the `nnx.Param`s that `_as_variables` put in."""
+    return jax.tree.map(
+        lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def export_hf(run_dir: str | Path, model: GPT) -> Path:

@@ -90,6 +90,8 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",
         "_quiet_orbax": "orbax narrates reads and saves in absl warnings that would bury our one-line errors; torch.save says nothing",
+        "_as_variables": "reads checkpoints from before the train state held plain dicts (nnx.Params stored one level deeper); torch's state_dict layout did not change",
+        "_plain": "takes the arrays back out of _as_variables' nnx.Params",
     },
     ("checkpoint", "torch"): {
         "checkpoint_path": "torch names one file per step itself; orbax's manager does that in JAX",

@@ -213,7 +213,7 @@ def _jax_checkpoint(src: Path) -> tuple[ModelConfig, Tensors]:
         raise BabyGPTError(f"{src} is not the newest checkpoint of {run_dir}; convert {run_dir} instead")
     config = load_run_config(run_dir)
     # restore_checkpoint wants the full training state as its target (shapes and shardings only)
-    params = nnx.state(GPT(config.model, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(GPT(config.model, rngs=nnx.Rngs(0)), nnx.Param))
     opt_state = make_optimizer(config.train).init(params)
     rng = np.asarray(jax.random.PRNGKey(config.train.seed))
     restored = checkpoint.restore_checkpoint(run_dir, params, opt_state, rng, config.model)

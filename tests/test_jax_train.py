@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from babygpt.config import BabyGPTError, ModelConfig, TrainConfig, load_config
 from babygpt.data import TokenWindows, dataset_dir, micro_batch_rows
 from babygpt.run import BatchPlan
-from babygpt_jax.checkpoint import latest_step, restore_checkpoint
+from babygpt_jax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from babygpt_jax.data import make_loaders
 from babygpt_jax.model import GPT
 from babygpt_jax.optim import lr_schedule, make_optimizer, weight_decay_mask
@@ -251,6 +251,28 @@ def test_corrupt_or_mismatched_checkpoint_is_one_clear_error(cli_run, tmp_path):
             path.write_bytes(b"not a checkpoint")
     with pytest.raises(BabyGPTError, match="corrupt"):
         restore_checkpoint(run_dir, params, opt_state, rng, TINY)
+
+
+def test_a_checkpoint_from_before_the_plain_dict_state_still_restores(tmp_path):
+    """Until 2026-12-02 the parameters and AdamW's moments were nnx.States of nnx.Params, which
+    orbax stores one level deeper; such a checkpoint restores into today's plain dicts as it was."""
+    model, optimizer = GPT(TINY, rngs=nnx.Rngs(3)), make_optimizer(TRAIN)
+    old_params = nnx.state(model, nnx.Param)
+    old_opt_state = optimizer.init(old_params)
+    old_opt_state = jax.tree.map(lambda x: x + 1, old_opt_state)  # not the zeros a fresh init has
+    rng = jax.random.PRNGKey(7)
+    manager = checkpoint_manager(tmp_path)
+    save_checkpoint(manager, 5, old_params, old_opt_state, {"epoch": 0}, rng, TINY)
+    manager.close()
+    _, _, state, _ = init_state(GPT(TINY, rngs=nnx.Rngs(0)), optimizer, _mesh(1), False, 0)
+    restored = restore_checkpoint(tmp_path, state.params, state.opt_state, state.rng, TINY)
+    assert restored["step"] == 5
+    expected = {"params": nnx.to_pure_dict(old_params), "opt_state": old_opt_state, "rng": rng}
+    got = {key: restored[key] for key in expected}
+    assert jax.tree.structure(got["params"]) == jax.tree.structure(state.params)
+    assert len(jax.tree.leaves(got)) == len(jax.tree.leaves(expected))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_refuses_to_overwrite_an_existing_run(cli_run):
