@@ -210,8 +210,9 @@ def training_loss(logits, targets, vocab_size: int):
     """cross_entropy below, or on one GPU the same two passes over the logits as two hand-written
     kernels (`babygpt_jax/kernels.py`), each reading them once: faster than XLA's fusions of the
     expression (docs/performance.md). Over several devices the expression, which XLA splits along
-    the batch; a kernel is one custom call that it would run whole on every device."""
-    if jax.default_backend() == "gpu" and jax.device_count() == 1:
+    the batch; a kernel is one custom call that it would run whole on every device. The kernels
+    sum in float32, so float64 keeps the expression too."""
+    if jax.default_backend() == "gpu" and jax.device_count() == 1 and logits.dtype != jnp.float64:
         from babygpt_jax import kernels
 
         return kernels.cross_entropy(logits, targets, vocab_size)

@@ -183,8 +183,9 @@ def mask_padding(logits, vocab_size: int):
 def training_loss(logits, targets, vocab_size: int):
     """cross_entropy below, or on a GPU the same two passes over the logits as two hand-written
     kernels (`babygpt_torch/kernels.py`), each reading them once: faster than what torch.compile
-    makes of the expression (docs/performance.md)."""
-    if logits.is_cuda:
+    makes of the expression (docs/performance.md). They sum in float32, so float64 keeps the
+    expression."""
+    if logits.is_cuda and logits.dtype != torch.float64:
         from babygpt_torch import kernels  # Triton comes with torch's CUDA builds
 
         return kernels.cross_entropy(logits, targets, vocab_size)
