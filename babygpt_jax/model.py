@@ -149,7 +149,7 @@ class GPT(nnx.Module):
     def __call__(self, idx, targets=None):
         """(logits, loss): the logits over the tokenizer's vocabulary (B, T, vocab_size), without
         the padding, and with targets the mean loss, which carries the gradient. Then the logits
-        come back with none (as in the torch model, where a gradient path through them costs the
+        come back without one (as in the torch model, where a gradient path through them costs the
         backward a pass; under jit XLA drops what nothing reads either way)."""
         logits, _ = self._logits(idx, mask=False)  # (B, T, V), the padding not masked
         if targets is None:

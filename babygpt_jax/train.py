@@ -138,7 +138,8 @@ def init_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh, 
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # Plain dicts, which jit flattens in C++, where nnx.State is flattened by Python callbacks: with
-    # the optimizer's two moments shaped alike, 2.2 ms a step of host time before the GPU starts.
+    # the optimizer's two moments shaped alike, 1.7-2.6 ms a step of host time (an H200's host)
+    # before the GPU could start (docs/performance.md).
     params = nnx.to_pure_dict(params)
     params, param_sharding = parallel.shard_model(params, mesh, fsdp)
     opt_sharding = parallel.param_shardings(mesh, jax.eval_shape(optimizer.init, params), fsdp)
