@@ -31,8 +31,9 @@ train: $(BIN)/.installed
 	$(if $(RESUME),@echo "$(CONTINUING)")
 	$(BIN)/python train.py --backend=$(BACKEND) $(RESUME) $(ARGS)
 
+# Two or more workers (pytest-xdist): most tests start processes that compile, one core each.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests parity
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 tests parity
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -21,3 +21,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny steps compile in < 1 s
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+# The longest tests start first: under pytest-xdist (`make test` runs two or more workers) the
+# suite ends when its slowest worker does, and a five-minute test handed out last would run alone.
+SLOW_FIRST = (
+    "tests/test_readme.py::test_every_readme_command_runs_in_order",
+    "tests/test_harness.py::test_run_directory_lifecycle",
+    "tests/test_jax_distributed.py::test_sigterm_to_process_1",
+    "tests/test_compare_nanogpt.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its order

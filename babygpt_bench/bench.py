@@ -94,12 +94,13 @@ def bench_train_torch(args) -> Row:
     batch = (x, y)
     dtype = torch.bfloat16 if cuda and args.dtype == "bfloat16" else torch.float32
 
-    def launch():
-        train_step(state, batch, autocast_dtype=dtype, grad_clip=1.0)
+    metrics = {}
 
-    def wait():
-        if cuda:
-            torch.cuda.synchronize()
+    def launch():
+        metrics.update(train_step(state, batch, autocast_dtype=dtype, grad_clip=1.0)[1])
+
+    def wait():  # the host reads the step's loss, as nanoGPT's bench.py does (`loss.item()`)
+        float(metrics["loss"])
 
     def step():
         launch()
@@ -153,13 +154,18 @@ def bench_train_jax(args) -> Row:
     y = make_global_batch(rng.integers(0, config.model.vocab_size, (1, B, T), dtype=np.int32), batches)
     batch = (x, y)
     states = [state]  # the step donates the state: each call takes the last one's result
+    metrics = {}
 
     def launch():
-        new_state, _ = step_fn(states.pop(), batch)
+        new_state, new_metrics = step_fn(states.pop(), batch)
         states.append(new_state)
+        metrics.update(new_metrics)
 
-    def wait():
-        jax.block_until_ready(states[-1])
+    def wait():  # until the step's loss is ready, as nanoGPT's bench.py waits (`loss.item()`)
+        # One array, not the state's ~1,350: an XLA program's outputs are all ready at its end, and
+        # waiting on each of them took ~0.7 ms a step of host time; reading the value, float(), ~0.5
+        # ms more (H200 host, docs/benchmarks.md).
+        jax.block_until_ready(metrics["loss"])
 
     def step():
         launch()

@@ -38,6 +38,7 @@ SYNONYMS = {"jax": {"__call__": "forward", "GrainLoader": "DataLoaderLite"}, "to
 PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("model", "jax"): {
         "attention_implementation": "jax.nn.dot_product_attention must be asked for cuDNN; torch's SDPA picks its kernel itself",
+        "_split_matmul": "XLA gives a custom call such as cuDNN's attention only dense operands, so q, k, v come from three matmuls; torch's SDPA takes strided views of one",
         "_normal": "Flax takes initializers at construction; torch re-initializes after (GPT._init_weights)",
         "_layer_norm": "Flax LayerNorm takes its float32 dtype at construction; torch autocast keeps LayerNorm in float32 itself",
         "_master": "Flax takes each module's weight and compute dtypes at construction; torch converts the built model (`.to(torch.float64)`) and autocasts the rest",

@@ -137,9 +137,10 @@ def test_unigram_model_gives_the_known_losses_and_accuracies(backend, model_dirs
     # The expected loss, token by token, from the logits written into the weights.
     logit = np.where(tokens == THE, 10.0, np.where(tokens == CAT, 5.0, 0.0))
     expected = ((LOG_Z - logit) * mask).sum(axis=1)
-    # float32 softmax over 50k logits: ~1e-6 relative error per token, summed over <= 10 tokens
-    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(mean, expected / mask.sum(axis=1), rtol=1e-5, atol=1e-4)
+    # float32 softmax over 50k logits, summed over <= 10 tokens: up to ~1e-5 relative error per
+    # token (torch on one thread of this 2-core CPU: 9e-5 on a loss of 10.8); a wrong logit is off by 1.
+    np.testing.assert_allclose(total, expected, rtol=5e-5, atol=1e-4)
+    np.testing.assert_allclose(mean, expected / mask.sum(axis=1), rtol=5e-5, atol=1e-4)
     # Uneven batches (3 + 1 examples) on torch; jax keeps the shape it compiled above.
     result = hellaswag.evaluate(score, examples, block_size, batch_examples=3 if backend == "torch" else 4)
     assert result == dict(acc=ACC, acc_norm=ACC_NORM, n=4)

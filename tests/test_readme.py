@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_every_readme_command_runs_in_order(tmp_path):
             skipped.append(command)
             continue
         line = with_tiny_steps(command)
+        t0 = time.time()
         result = subprocess.run(
             ["bash", "-c", line],
             cwd=repo,
@@ -143,7 +145,7 @@ def test_every_readme_command_runs_in_order(tmp_path):
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
         assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
-        print(f"ran: {line}")
+        print(f"ran ({time.time() - t0:.0f} s): {line}", flush=True)
         ran.append(command)
         printed.setdefault(command, []).append(result.stdout + result.stderr)
     print(f"ran {len(ran)} README commands; marked as needing more than this CPU: {len(skipped)}")
