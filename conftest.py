@@ -6,6 +6,8 @@ which compiles the same small train and decode steps again; on a 2-core CPU the 
 of their time. JAX's persistent cache serves the compiled executables of the earlier processes
 (measured: `tests/test_harness.py::test_run_directory_lifecycle[jax]` 122 s -> 87 s). It is a
 fresh directory per session, so no result of an earlier session or of another checkout is reused.
+Under pytest-xdist the controller sets it before it starts the workers, which inherit it: one cache
+for all of them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ SLOW_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+        return next(
+            (i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST)
+        )
 
     items.sort(key=rank)  # stable: every other test keeps its order
