@@ -89,8 +89,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, rest, optimizer, sch
     return state, metrics
 
 
-# XLA writes some of the step's matmuls as its own Triton kernels, fused with a neighbour; cuBLAS
-# alone was faster: 124M at B=32 on an H200, 1.4-1.9 ms less a step (docs/performance.md).
+# XLA's autotuner may compile some of the step's matmuls as its own Triton kernels, fused with a
+# neighbour, instead of cuBLAS calls; with cuBLAS for all of them the step was 1.4-1.9 ms faster
+# (124M at B=32 on an H200, docs/benchmarks.md).
 STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
