@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from babygpt.config import ModelConfig
-from babygpt_jax.model import GPT, RematBlock
+from babygpt_jax.model import GPT, RematBlock, _split_matmul
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, vocab_multiple=64)
 
@@ -152,6 +152,24 @@ def test_attention_implementation_is_chosen_at_construction(model):
     assert {block.attn.implementation for block in model.transformer.h} == {"xla"}
     bf16 = GPT(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     assert bf16.transformer.h[0].attn.implementation == "xla"
+
+
+@pytest.mark.parametrize(
+    "dtype, bias, tol", [(jnp.float32, True, 1e-6), (jnp.bfloat16, True, 0), (jnp.float32, False, 1e-6)]
+)
+def test_split_matmul_is_the_linear_split_in_three(dtype, bias, tol):
+    """q, k, v from three matmuls over the kernel's column blocks are c_attn(x) split in three, with
+    the same dtype promotion; only the summation order may differ in float32 (bf16 rounds alike)."""
+    linear = nnx.Linear(32, 96, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    if bias:  # init puts zeros there, which would hide a bias taken from the wrong block
+        linear.bias[...] = jnp.arange(96, dtype=jnp.float32) / 10
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    parts = _split_matmul(linear, x, 3)
+    for got, want in zip(parts, jnp.split(linear(x), 3, axis=-1)):
+        assert got.shape == (2, 5, 32) and got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+        )
 
 
 def test_rngs_are_explicit():
