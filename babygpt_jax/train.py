@@ -91,7 +91,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, rest, optimizer, sch
 
 # XLA's autotuner may compile some of the step's matmuls as its own Triton kernels, fused with a
 # neighbour, instead of cuBLAS calls; with cuBLAS for all of them the step was 1.4-1.9 ms faster
-# (124M at B=32 on an H200, docs/benchmarks.md).
+# (124M at B=32 on an H200, docs/benchmarks.md). A CPU ignores the option.
 STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
