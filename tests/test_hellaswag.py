@@ -138,7 +138,8 @@ def test_unigram_model_gives_the_known_losses_and_accuracies(backend, model_dirs
     logit = np.where(tokens == THE, 10.0, np.where(tokens == CAT, 5.0, 0.0))
     expected = ((LOG_Z - logit) * mask).sum(axis=1)
     # float32 softmax over 50k logits, summed over <= 10 tokens: up to ~1e-5 relative error per
-    # token (torch on one thread of this 2-core CPU: 9e-5 on a loss of 10.8); a wrong logit is off by 1.
+    # token (seen: torch, 9e-5 on a loss of 10.8, on this 2-core CPU under load; the cause, the
+    # reduction's order, is not traced); a wrong logit is off by 1.
     np.testing.assert_allclose(total, expected, rtol=5e-5, atol=1e-4)
     np.testing.assert_allclose(mean, expected / mask.sum(axis=1), rtol=5e-5, atol=1e-4)
     # Uneven batches (3 + 1 examples) on torch; jax keeps the shape it compiled above.
