@@ -108,8 +108,10 @@ def test_train_bench_json_rows_are_consistent(train_run):
         assert (row["mode"], row["preset"], row["batch"], row["seq"]) == ("train", "tiny", TRAIN_B, TRAIN_T)
         # tokens/s is one step's tokens over the median step time
         assert math.isclose(row["tokens_per_s"], TRAIN_B * TRAIN_T * 1000 / row["ms_median"], rel_tol=REL)
-        assert set(row["extra"]) == {"profile", "ms_pipelined"}
+        assert set(row["extra"]) == {"profile", "ms_pipelined", "ms_dispatch"}
         assert row["extra"]["ms_pipelined"] > 0
+        # the launch is part of each waited step: its median is at most the step's
+        assert 0 < row["extra"]["ms_dispatch"] <= row["ms_median"]
     assert_png(out / "bench.png")
 
 
@@ -255,7 +257,7 @@ def test_format_table_marks_missing_values_and_hf_cache():
             "mode": "train",
             "mfu": None,
             "peak_mem_gb": None,
-            "extra": {"ms_pipelined": 1.5},
+            "extra": {"ms_pipelined": 1.5, "ms_dispatch": 0.25},
         },
     ]
     head, rule, torch_line, hf_line, train_line = bench.format_table(rows).splitlines()
@@ -272,10 +274,11 @@ def test_format_table_marks_missing_values_and_hf_cache():
         "-",
         "-",
         "0.2",
+        "-",  # dispatch: training rows only
         "-",  # pipelined: training rows only
     ]
-    assert hf_line.split()[0] == "hf/static" and hf_line.split()[-4:] == ["45.7%", "1.2", "0.2", "-"]
-    assert train_line.split()[-1] == "1.50"
+    assert hf_line.split()[0] == "hf/static" and hf_line.split()[-5:] == ["45.7%", "1.2", "0.2", "-", "-"]
+    assert train_line.split()[-2:] == ["0.25", "1.50"]
 
 
 # ---------------------------------------------------------------------------------------------
