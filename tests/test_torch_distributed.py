@@ -33,7 +33,11 @@ from babygpt_torch.train import main
 ROOT = Path(__file__).parent.parent
 # Each job below takes seconds; this long is a hang, which is what these tests guard against.
 HANG_GUARD = 120
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+# Two processes on two cores. PYTHONFAULTHANDLER: a rank that aborts in C++ (SIGABRT) prints
+# where its Python threads were, in the stderr a failing assertion shows. Once, in a loaded
+# CI-sized run, a rank of the FSDP2 resume job aborted ("terminate called without an active
+# exception"); 75 reruns did not repeat it, so where it aborts is not known yet.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _with(config: Config, section: str = "train", **changes) -> Config:
