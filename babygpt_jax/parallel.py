@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 import jax
@@ -203,9 +204,17 @@ def shutdown() -> None:
 def device_memory() -> tuple[int, str]:
     """(bytes one device may use, its platform): on a GPU what XLA's allocator may take (75% of it
     unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), on a CPU the host's RAM shared by this
-    process's (virtual) devices."""
+    process's (virtual) devices. An allocator that keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=
+    platform, XLA's VMM allocator) gives no limit: then no run is refused beforehand, and XLA's own
+    out-of-memory error is the one the user sees."""
     device = jax.devices()[0]
     if device.platform != "cpu":
-        limit = device.memory_stats()["bytes_limit"]
+        limit = (device.memory_stats() or {}).get("bytes_limit", sys.maxsize)
         return int(limit), device.platform
     return host_memory() // jax.local_device_count(), "cpu"
+
+
+def peak_memory_gib(device) -> float | None:
+    """The most `device` has held at once, in GiB, or None where its allocator keeps no count."""
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30

@@ -23,7 +23,7 @@ from babygpt_jax.checkpoint import checkpoint_manager, latest_step, restore_chec
 from babygpt_jax.data import make_loaders
 from babygpt_jax.model import GPT
 from babygpt_jax.optim import lr_schedule, make_optimizer, weight_decay_mask
-from babygpt_jax.parallel import MESH_AXES, batch_sharding, make_global_batch
+from babygpt_jax.parallel import MESH_AXES, batch_sharding, make_global_batch, peak_memory_gib
 from babygpt_jax.train import init_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +286,16 @@ def test_cli_refuses_to_overwrite_an_existing_run(cli_run):
     assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in lines[0]
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     assert latest_step(run_dir) == 6
+
+
+def test_peak_memory_is_none_where_the_allocator_keeps_no_count():
+    # XLA's CPU client keeps no statistics, as a GPU's does not under XLA_PYTHON_CLIENT_ALLOCATOR=
+    # platform or the VMM allocator; with a count, bytes become GiB.
+    assert jax.devices()[0].memory_stats() is None
+    assert peak_memory_gib(jax.devices()[0]) is None
+
+    class Counted:
+        def memory_stats(self):
+            return {"peak_bytes_in_use": 3 * 2**29}
+
+    assert peak_memory_gib(Counted()) == 1.5
