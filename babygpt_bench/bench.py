@@ -131,7 +131,13 @@ def bench_train_jax(args) -> Row:
 
     from babygpt_jax.model import GPT
     from babygpt_jax.optim import lr_schedule, make_optimizer
-    from babygpt_jax.parallel import batch_sharding, device_memory, make_global_batch, make_mesh
+    from babygpt_jax.parallel import (
+        batch_sharding,
+        device_memory,
+        make_global_batch,
+        make_mesh,
+        peak_memory_gib,
+    )
     from babygpt_jax.train import init_state, make_train_step
 
     config = _config(args)
@@ -174,8 +180,7 @@ def bench_train_jax(args) -> Row:
     compile_s = time.perf_counter() - t0
     times, dispatch = _waited_steps(launch, wait, args.steps)
     device = jax.devices()[0]
-    stats = device.memory_stats() or {}
-    peak_mem = stats.get("peak_bytes_in_use", 0) / 2**30 if gpu else None
+    peak_mem = peak_memory_gib(device) if gpu else None
     row = _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
     row.extra["ms_dispatch"] = dispatch
     row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
@@ -315,6 +320,7 @@ def _generator(args, model_config: ModelConfig):
 
         from babygpt_jax.generate import generate
         from babygpt_jax.model import GPT
+        from babygpt_jax.parallel import peak_memory_gib
 
         gpu = jax.default_backend() == "gpu"
         model = GPT(model_config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16 if gpu else jnp.float32)
@@ -329,7 +335,7 @@ def _generator(args, model_config: ModelConfig):
         return (
             run,
             device.device_kind if gpu else "cpu",
-            lambda: (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 if gpu else None,
+            lambda: peak_memory_gib(device) if gpu else None,
         )
     if args.backend == "hf":
         import torch
