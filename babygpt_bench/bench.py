@@ -180,7 +180,7 @@ def bench_train_jax(args) -> Row:
     compile_s = time.perf_counter() - t0
     times, dispatch = _waited_steps(launch, wait, args.steps)
     device = jax.devices()[0]
-    peak_mem = peak_memory_gib(device) if gpu else None
+    peak_mem = peak_memory_gib(device)
     row = _train_row("jax", args, config, device.device_kind if gpu else "cpu", times, compile_s, peak_mem)
     row.extra["ms_dispatch"] = dispatch
     row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
@@ -335,7 +335,7 @@ def _generator(args, model_config: ModelConfig):
         return (
             run,
             device.device_kind if gpu else "cpu",
-            lambda: peak_memory_gib(device) if gpu else None,
+            lambda: peak_memory_gib(device),
         )
     if args.backend == "hf":
         import torch

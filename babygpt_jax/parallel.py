@@ -215,6 +215,7 @@ def device_memory() -> tuple[int, str]:
 
 
 def peak_memory_gib(device) -> float | None:
-    """The most `device` has held at once, in GiB, or None where its allocator keeps no count."""
-    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    """The most `device` has held at once, in GiB, as XLA's allocator counts it; None on a CPU and
+    where the allocator keeps no count."""
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use") if device.platform != "cpu" else None
     return None if peak is None else peak / 2**30

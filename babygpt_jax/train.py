@@ -213,7 +213,7 @@ def _train(config: Config) -> dict:
             save=save,
             evaluate=lambda state: evaluate(eval_fn, state.params, val_loader, val_sequences, batches),
             sample=sample,
-            peak_memory=lambda: parallel.peak_memory_gib(device) if gpu else None,
+            peak_memory=lambda: parallel.peak_memory_gib(device),
             description=f"{model.num_params():,} parameters | {jax.device_count()} x {device.platform}"
             f" ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})",
         )

@@ -223,3 +223,9 @@ def device_memory() -> tuple[int, str]:
         index = torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory, "cuda"
     return host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "cpu"
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most `device` has held at once, in GiB, as torch's caching allocator counts it; None on a
+    CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -167,7 +167,7 @@ def _train(config: Config, dist: parallel.Dist) -> dict:
             save=save,
             evaluate=lambda state: evaluate(state.model, val_loader, val_sequences, autocast_dtype, dist),
             sample=sample,
-            peak_memory=lambda: torch.cuda.max_memory_allocated(dist.device) / 2**30 if cuda else None,
+            peak_memory=lambda: parallel.peak_memory_gib(dist.device),
             description=f"{model.num_params():,} parameters | {dist.world_size} x {dist.device.type}",
         )
         peak = peak_flops(torch.cuda.get_device_name(dist.device)) if cuda else None

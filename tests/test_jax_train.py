@@ -289,13 +289,18 @@ def test_cli_refuses_to_overwrite_an_existing_run(cli_run):
 
 
 def test_peak_memory_is_none_where_the_allocator_keeps_no_count():
-    # XLA's CPU client keeps no statistics, as a GPU's does not under XLA_PYTHON_CLIENT_ALLOCATOR=
-    # platform or the VMM allocator; with a count, bytes become GiB.
-    assert jax.devices()[0].memory_stats() is None
+    # A CPU has no figure; a GPU whose allocator keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=
+    # platform, XLA's VMM allocator) has none either; with a count, bytes become GiB.
     assert peak_memory_gib(jax.devices()[0]) is None
 
-    class Counted:
-        def memory_stats(self):
-            return {"peak_bytes_in_use": 3 * 2**29}
+    class Gpu:
+        platform = "gpu"
 
-    assert peak_memory_gib(Counted()) == 1.5
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert peak_memory_gib(Gpu(None)) is None
+    assert peak_memory_gib(Gpu({"peak_bytes_in_use": 3 * 2**29})) == 1.5

@@ -24,7 +24,7 @@ from babygpt_torch.data import make_loaders
 from babygpt_torch.generate import generate
 from babygpt_torch.model import GPT
 from babygpt_torch.optim import lr_schedule, make_optimizer, weight_decay_mask
-from babygpt_torch.parallel import Dist
+from babygpt_torch.parallel import Dist, peak_memory_gib
 from babygpt_torch.train import TrainState, evaluate, main, train_step
 
 ROOT = Path(__file__).parent.parent
@@ -389,3 +389,8 @@ def test_generate_sample_runs_past_the_context(tiny_config):
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     assert lengths == [50]  # no end-of-text among them at this seed
     assert generate_sample(generate, model, config) == text  # seeded by train.seed
+
+
+def test_peak_memory_is_none_on_a_cpu():
+    # torch counts only its CUDA allocator's bytes; a CPU run reports no figure rather than 0 GiB.
+    assert peak_memory_gib(torch.device("cpu")) is None
