@@ -23,7 +23,7 @@ from babygpt_jax.checkpoint import checkpoint_manager, latest_step, restore_chec
 from babygpt_jax.data import make_loaders
 from babygpt_jax.model import GPT
 from babygpt_jax.optim import lr_schedule, make_optimizer, weight_decay_mask
-from babygpt_jax.parallel import MESH_AXES, batch_sharding, make_global_batch, peak_memory_gib
+from babygpt_jax.parallel import MESH_AXES, batch_sharding, device_memory, make_global_batch, peak_memory_gib
 from babygpt_jax.train import init_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,19 +288,29 @@ def test_cli_refuses_to_overwrite_an_existing_run(cli_run):
     assert latest_step(run_dir) == 6
 
 
+class _Gpu:
+    """A GPU device as the memory figures see it: `memory_stats()` is None where XLA's allocator
+    keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=platform, the VMM allocator that XLA's
+    SKIP_TEMP command-buffer mode selects)."""
+
+    platform = "gpu"
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
 def test_peak_memory_is_none_where_the_allocator_keeps_no_count():
-    # A CPU has no figure; a GPU whose allocator keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=
-    # platform, XLA's VMM allocator) has none either; with a count, bytes become GiB.
-    assert peak_memory_gib(jax.devices()[0]) is None
+    assert peak_memory_gib(jax.devices()[0]) is None  # a CPU has no figure
+    assert peak_memory_gib(_Gpu(None)) is None
+    assert peak_memory_gib(_Gpu({"peak_bytes_in_use": 3 * 2**29})) == 1.5
 
-    class Gpu:
-        platform = "gpu"
 
-        def __init__(self, stats):
-            self.stats = stats
-
-        def memory_stats(self):
-            return self.stats
-
-    assert peak_memory_gib(Gpu(None)) is None
-    assert peak_memory_gib(Gpu({"peak_bytes_in_use": 3 * 2**29})) == 1.5
+def test_without_allocator_statistics_no_run_is_refused_beforehand(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda: [_Gpu({"bytes_limit": 80 * 2**30})])
+    assert device_memory() == (80 * 2**30, "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [_Gpu(None)])  # used to raise a TypeError
+    memory, platform = device_memory()
+    assert platform == "gpu" and memory > 2**60
