@@ -204,8 +204,8 @@ def shutdown() -> None:
 def device_memory() -> tuple[int, str]:
     """(bytes one device may use, its platform): on a GPU what XLA's allocator may take (75% of it
     unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), on a CPU the host's RAM shared by this
-    process's (virtual) devices. An allocator that keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=
-    platform, XLA's VMM allocator) gives no limit: then no run is refused beforehand, and XLA's own
+    process's (virtual) devices. An allocator that keeps no statistics (the VMM allocator, which
+    XLA's SKIP_TEMP command-buffer mode selects) gives no limit: then no run is refused beforehand, and XLA's own
     out-of-memory error is the one the user sees."""
     device = jax.devices()[0]
     if device.platform != "cpu":

@@ -290,8 +290,8 @@ def test_cli_refuses_to_overwrite_an_existing_run(cli_run):
 
 class _Gpu:
     """A GPU device as the memory figures see it: `memory_stats()` is None where XLA's allocator
-    keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=platform, the VMM allocator that XLA's
-    SKIP_TEMP command-buffer mode selects)."""
+    keeps no statistics (the VMM allocator that XLA's SKIP_TEMP command-buffer mode
+    selects; measured on jaxlib 0.11.2, docs/benchmarks.md)."""
 
     platform = "gpu"
 
