@@ -77,7 +77,7 @@ def bench_train_torch(args) -> Row:
     import torch
 
     from babygpt_torch.model import GPT
-    from babygpt_torch.parallel import device_memory, setup_distributed
+    from babygpt_torch.parallel import device_memory, peak_memory_gib, setup_distributed
     from babygpt_torch.train import init_state, train_step
 
     config = _config(args)
@@ -114,7 +114,7 @@ def bench_train_torch(args) -> Row:
         torch.cuda.reset_peak_memory_stats()
     times, dispatch = _waited_steps(launch, wait, args.steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak_mem = peak_memory_gib(dist.device)
     row = _train_row("torch", args, config, name, times, compile_s, peak_mem)
     row.extra["ms_dispatch"] = dispatch
     row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
@@ -299,6 +299,7 @@ def _generator(args, model_config: ModelConfig):
 
         from babygpt_torch.generate import generate
         from babygpt_torch.model import GPT
+        from babygpt_torch.parallel import peak_memory_gib
 
         cuda = torch.cuda.is_available()
         torch.manual_seed(0)
@@ -312,7 +313,7 @@ def _generator(args, model_config: ModelConfig):
                 torch.cuda.synchronize()
 
         name = torch.cuda.get_device_name() if cuda else "cpu"
-        return run, name, lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        return run, name, lambda: peak_memory_gib(torch.device("cuda" if cuda else "cpu"))
     if args.backend == "jax":
         import jax
         import jax.numpy as jnp
@@ -340,6 +341,8 @@ def _generator(args, model_config: ModelConfig):
     if args.backend == "hf":
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
+
+        from babygpt_torch.parallel import peak_memory_gib
 
         cuda = torch.cuda.is_available()
         hf_config = GPT2Config(
@@ -369,7 +372,7 @@ def _generator(args, model_config: ModelConfig):
                 torch.cuda.synchronize()
 
         name = torch.cuda.get_device_name() if cuda else "cpu"
-        return run, name, lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        return run, name, lambda: peak_memory_gib(model.device)
     raise BabyGPTError(
         f"unknown backend {args.backend!r} for --mode generate; choose from {', '.join(GENERATE_BACKENDS)}"
     )

@@ -205,8 +205,8 @@ def device_memory() -> tuple[int, str]:
     """(bytes one device may use, its platform): on a GPU what XLA's allocator may take (75% of it
     unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), on a CPU the host's RAM shared by this
     process's (virtual) devices. An allocator that keeps no statistics (the VMM allocator, which
-    XLA's SKIP_TEMP command-buffer mode selects) gives no limit: then no run is refused beforehand, and XLA's own
-    out-of-memory error is the one the user sees."""
+    XLA's SKIP_TEMP command-buffer mode selects) gives no limit: then no run is refused beforehand,
+    and XLA's own out-of-memory error is the one the user sees."""
     device = jax.devices()[0]
     if device.platform != "cpu":
         limit = (device.memory_stats() or {}).get("bytes_limit", sys.maxsize)
@@ -217,5 +217,7 @@ def device_memory() -> tuple[int, str]:
 def peak_memory_gib(device) -> float | None:
     """The most `device` has held at once, in GiB, as XLA's allocator counts it; None on a CPU and
     where the allocator keeps no count."""
-    peak = (device.memory_stats() or {}).get("peak_bytes_in_use") if device.platform != "cpu" else None
+    if device.platform == "cpu":
+        return None
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
