@@ -19,7 +19,13 @@ from jax.sharding import Mesh
 from babygpt.config import BabyGPTError, ModelConfig, TrainConfig, load_config
 from babygpt.data import TokenWindows, dataset_dir, micro_batch_rows
 from babygpt.run import BatchPlan
-from babygpt_jax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
+from babygpt_jax.checkpoint import (
+    checkpoint_manager,
+    latest_step,
+    pinned_host_copies,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from babygpt_jax.data import make_loaders
 from babygpt_jax.model import GPT
 from babygpt_jax.optim import lr_schedule, make_optimizer, weight_decay_mask
@@ -306,6 +312,12 @@ def test_peak_memory_is_none_where_the_allocator_keeps_no_count():
     assert peak_memory_gib(jax.devices()[0]) is None  # a CPU has no figure
     assert peak_memory_gib(_Gpu(None)) is None
     assert peak_memory_gib(_Gpu({"peak_bytes_in_use": 3 * 2**29})) == 1.5
+
+
+def test_checkpoints_leave_a_gpu_through_pinned_memory_unless_the_allocator_keeps_no_count():
+    assert pinned_host_copies(jax.devices()[0]) is None  # orbax's own choice: none on a CPU
+    assert pinned_host_copies(_Gpu({"bytes_in_use": 0})) is None  # orbax pins on a GPU
+    assert pinned_host_copies(_Gpu(None)) is False  # the VMM allocator: pinned copies segfault
 
 
 def test_without_allocator_statistics_no_run_is_refused_beforehand(monkeypatch):
