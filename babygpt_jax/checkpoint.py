@@ -145,14 +145,11 @@ def restore_checkpoint(
         target = jax.tree.map(
             ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state, "rng": rng}
         )
-        restore = lambda target: manager.restore(step, args=ocp.args.Composite(state=_restore_args(target)))[
-            "state"
-        ]
         try:
             try:
-                state = restore(target)
+                state = _restore_state(manager, step, target)
             except ValueError:  # written before the train state held plain dicts?
-                state = _plain(restore(_as_variables(target, params)))
+                state = _plain(_restore_state(manager, step, _as_variables(target, params)))
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise BabyGPTError(
@@ -162,9 +159,11 @@ def restore_checkpoint(
     return {"step": int(meta["step"]), "loader": meta["loader"], **state}
 
 
-def _restore_args(target) -> ocp.args.PyTreeRestore:
-    """Restore exactly `target`'s tree, each array onto its shape, dtype and sharding."""
-    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+def _restore_state(manager: ocp.CheckpointManager, step: int, target) -> dict:
+    """Checkpoint `step`'s train state as exactly `target`'s tree, each array onto its shape, dtype
+    and sharding."""
+    state = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return manager.restore(step, args=ocp.args.Composite(state=state))["state"]
 
 
 def _as_variables(target: dict, params) -> dict:

@@ -94,7 +94,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "_as_variables": "reads checkpoints from before the train state held plain dicts (nnx.Params stored one level deeper); torch's state_dict layout did not change",
         "_plain": "takes the arrays back out of _as_variables' nnx.Params",
         "pinned_host_copies": "orbax's copies off a GPU through pinned host memory, off under XLA's VMM allocator, where they segfault; torch.save copies each tensor itself",
-        "_restore_args": "orbax rebuilds a tree onto the target's shapes, dtypes and shardings; torch's load_state_dict copies into tensors that exist",
+        "_restore_state": "orbax rebuilds a tree onto the target's shapes, dtypes and shardings; torch's load_state_dict copies into tensors that exist",
     },
     ("checkpoint", "torch"): {
         "checkpoint_path": "torch names one file per step itself; orbax's manager does that in JAX",

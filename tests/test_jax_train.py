@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import Mesh
@@ -257,6 +259,25 @@ def test_corrupt_or_mismatched_checkpoint_is_one_clear_error(cli_run, tmp_path):
             path.write_bytes(b"not a checkpoint")
     with pytest.raises(BabyGPTError, match="corrupt"):
         restore_checkpoint(run_dir, params, opt_state, rng, TINY)
+
+
+def test_a_checkpoint_written_through_orbaxs_standard_handler_still_restores(tmp_path):
+    """Until 2026-12-03 the train state went through orbax's StandardCheckpointHandler; the PyTree
+    handler that replaced it (for its pinned-host setting) reads those files bit for bit."""
+    _, _, state, _ = init_state(GPT(TINY, rngs=nnx.Rngs(3)), make_optimizer(TRAIN), _mesh(1), False, 0)
+    opt_state = jax.tree.map(lambda x: x + 1, state.opt_state)  # not the zeros a fresh init has
+    saved = {"params": state.params, "opt_state": opt_state, "rng": state.rng}
+    meta = {"step": 4, "loader": {"samples": 9}, "model_config": dataclasses.asdict(TINY)}
+    options = ocp.CheckpointManagerOptions(max_to_keep=2)
+    old = ocp.CheckpointManager(tmp_path / "checkpoints", options=options, item_names=("state", "meta"))
+    old.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)))
+    old.close()  # waits for the save
+    _, _, fresh, _ = init_state(GPT(TINY, rngs=nnx.Rngs(0)), make_optimizer(TRAIN), _mesh(1), False, 0)
+    restored = restore_checkpoint(tmp_path, fresh.params, fresh.opt_state, fresh.rng, TINY)
+    assert restored["step"] == 4 and restored["loader"] == {"samples": 9}
+    for name in ("params", "opt_state", "rng"):
+        for got, want in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(saved[name]), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
 
 
 def test_a_checkpoint_from_before_the_plain_dict_state_still_restores(tmp_path):
