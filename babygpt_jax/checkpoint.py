@@ -56,8 +56,8 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
 
 def pinned_host_copies(device) -> bool | None:
     """Whether orbax copies the arrays off `device` through pinned host memory: None leaves it to
-    orbax, which pins on a GPU (an 8 GB save blocked the step 0.17 s, against 4.2-4.8 s through
-    ordinary memory; H200, docs/benchmarks.md). Not under an allocator that keeps no statistics:
+    orbax, which pins on a GPU (once warm, an 8 GB save blocked the step 0.17 s, against 4.2-4.8 s
+    through ordinary memory; H200, docs/benchmarks.md). Not under an allocator that keeps no statistics:
     XLA's VMM allocator, which its SKIP_TEMP command-buffer mode selects, segfaults on a copy into
     pinned host memory (jaxlib 0.11.2)."""
     return None if device.platform == "cpu" or device.memory_stats() is not None else False
