@@ -2,10 +2,10 @@
 
 The walk happens in a fresh copy of the tracked files (no `out/`, no `data/`), so each command meets
 what the ones before it left behind. Two things are added, both through syntax the README itself
-documents: tiny step counts (`train.max_steps=...` overrides, `ARGS=` for make) so that training
-takes seconds, and nothing else. A command the README marks with `# needs: ...` (a GPU, the
-network, several hosts, files of your own) is listed, not run; `make test` / `pytest` are the
-command running this walk.
+documents: tiny step counts (`train.max_steps=...`, `train.eval_steps=...` overrides, `ARGS=` for
+make) so that training takes seconds, and nothing else. A command the README marks with
+`# needs: ...` (a GPU, the network, several hosts, files of your own) is listed, not run;
+`make test` / `pytest` are the command running this walk.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "train.max_steps=4 train.log_interval=2"  # the documented override syntax, nothing more
+TINY = "train.max_steps=4 train.log_interval=2 train.eval_steps=2"  # the documented override syntax
 MARKER = re.compile(r"#\s*needs:")
 
 
