@@ -64,7 +64,7 @@ def _config(args) -> Config:
         warmup_steps=10,
         remat=args.remat,
         fsdp=args.fsdp,
-        compile=args.compile,
+        compile=bool(args.compile),
     )
     return Config(model=model, train=train)
 
@@ -80,6 +80,8 @@ def bench_train_torch(args) -> Row:
     from babygpt_torch.parallel import device_memory, peak_memory_gib, setup_distributed
     from babygpt_torch.train import init_state, train_step
 
+    if args.compile is None:  # as train.py's presets: the GPU ones compile, the CPU default does not
+        args.compile = torch.cuda.is_available()
     config = _config(args)
     check_fits(config, 1, *device_memory(), flags=BENCH_FLAGS, eager_loss=not args.compile)
     dist = setup_distributed(args.fsdp)  # FSDP2 shards over a process group, here of one
@@ -118,6 +120,7 @@ def bench_train_torch(args) -> Row:
     row = _train_row("torch", args, config, name, times, compile_s, peak_mem)
     row.extra["ms_dispatch"] = dispatch
     row.extra["ms_pipelined"] = _pipelined_ms(launch, wait, args.steps)
+    row.extra["compiled"] = args.compile
     if args.profile:
         row.extra["profile"] = profile_torch(step, args.profile_steps, Path(args.profile) / "torch")
     return row
@@ -468,7 +471,11 @@ def main() -> None:
         help="compute dtype on GPU (CPU: float32)",
     )
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the torch model"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the torch model (default: on a GPU; on a CPU inductor's C++ build of the"
+        " step takes about a minute)",
     )
     parser.add_argument("--remat", action="store_true", help="activation checkpointing")
     parser.add_argument(
