@@ -17,6 +17,16 @@ import os
 import shutil
 import tempfile
 
+# Eight virtual CPU devices for the sharding tests, before any test module imports jax; every
+# subprocess inherits them (a multi-process test gives each process its own count, keeping the rest).
+# LLVM at -O0 for XLA's CPU kernels: the tests' models are tiny, so optimising the generated code is
+# most of each compile and saves nothing when it runs (tests/test_jax_distributed.py: 373 -> 266
+# CPU-s). The README walk and the bench test drop XLA_FLAGS, running as a user's commands do.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache = tempfile.mkdtemp(prefix="babygpt-test-jax-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)

@@ -13,6 +13,7 @@ import importlib
 from babygpt.cli import run_cli
 from babygpt.config import BACKENDS, BabyGPTError, load_config
 from babygpt.data import check_vocab
+from babygpt.harness import check_run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append("run.resume=true")
     config = load_config(args.config, overrides)
     check_vocab(config)
+    check_run_dir(config)
     backend = importlib.import_module(f"babygpt_{config.run.backend}.train")
     backend.main(config)
 

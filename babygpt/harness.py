@@ -60,6 +60,26 @@ def plan_run(
     return plan
 
 
+def check_run_dir(config: Config) -> None:
+    """`RunDir`'s checks, lock included, before a framework loads: a refusal in a moment, not after
+    the seconds a backend takes to import. The backend's `RunDir` checks again, holding the lock.
+
+    Only a process that is the whole run checks this early: in a group (torchrun, a JAX coordinator
+    or cluster) the processes must refuse together, which needs the group the backend sets up.
+    """
+    env = os.environ
+    alone = (
+        int(env.get("WORLD_SIZE", 1)) == 1
+        and "JAX_COORDINATOR_ADDRESS" not in env
+        and int(env.get("SLURM_NTASKS", 1)) == 1
+        and int(env.get("OMPI_COMM_WORLD_SIZE", 1)) == 1
+    )
+    if alone:
+        # The backend's latest_step reads its own checkpoint format; any committed entry will do here.
+        with RunDir(config, Processes(), latest_step=lambda path: 0) as run:
+            run.open()
+
+
 class RunDir:
     """out/<name>/ for the life of one run: checked, locked, and written only once every check passed.
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The same settings as tests/conftest.py (whichever conftest is imported first decides for jax).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA_FLAGS (eight virtual CPU devices) and JAX_PLATFORMS: the root conftest.py, loaded first.
 # float32 on CPU for torch too: on a GPU machine torch's train.main would otherwise pick CUDA
 # (and bfloat16 autocast, TF32), while JAX stays on the CPU above.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 
-# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere. The
-# one place the tests set it: subprocesses inherit it (a multi-process test sets each process's own).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import torch  # noqa: E402
+# XLA_FLAGS (eight virtual CPU devices) and JAX_PLATFORMS: the root conftest.py, loaded first.
+import torch
 
 # Without a GPU the fused decode kernels run in Triton's interpreter (tests/test_kernels.py);
 # triton reads this when first imported, which torch.compile does, so it is set before any test.

@@ -53,7 +53,7 @@ def _val_tokens(config: Config) -> np.ndarray:
 def test_jax_val_loss_is_the_mean_over_the_same_sequences_on_1_and_8_devices(
     tiny_config, devices, micro_batch_size, fsdp
 ):
-    assert jax.device_count() == 8  # tests/conftest.py's XLA_FLAGS
+    assert jax.device_count() == 8  # the root conftest.py's XLA_FLAGS
     config = _config(tiny_config, micro_batch_size, fsdp=fsdp)
     tokens = _val_tokens(config)
     _, expected = JaxGPT(config.model, rngs=nnx.Rngs(0))(tokens[:, :-1], tokens[:, 1:])  # one batch

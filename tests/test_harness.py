@@ -44,7 +44,7 @@ def _long(tiny_overrides: list[str], data_root: Path, out: Path, name: str, *ext
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of tests/conftest.py
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of the root conftest.py
 
 
 def _train(backend: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -165,6 +165,30 @@ def test_run_directory_lifecycle(backend, tmp_path, tiny_dataset, tiny_overrides
     orphan.mkdir()
     (run_dir / "checkpoints").rename(orphan / "checkpoints")
     _one_error_line(_train(backend, ["--resume", *args[:-1], "run.name=orphan"]), "no config.toml")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_refused_run_directory_is_refused_before_the_framework_loads(backend, tmp_path, tiny_overrides):
+    # A run directory holding a run, asked for without --resume: train.py refuses from the files
+    # alone (babygpt.harness.check_run_dir), without the seconds the backend takes to import.
+    run_dir = tmp_path / "out" / "taken"
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    (run_dir / "config.toml").write_text(f'[run]\nbackend = "{backend}"\n')
+    argv = [
+        "train.py",
+        f"--backend={backend}",
+        *tiny_overrides,
+        f"run.out_dir={run_dir.parent}",
+        "run.name=taken",
+    ]
+    code = (
+        f"import runpy, sys; sys.argv = {argv!r}\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    print(e.code, sorted({'jax', 'torch'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env())
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr[-3000:]
+    assert "already holds a run; pass --resume" in done.stderr
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

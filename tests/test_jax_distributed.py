@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -113,7 +114,9 @@ class Job:
 
 def _start(args: list[str], folder: Path, name: str, processes: int, devices: int, **env: str) -> list[Job]:
     """One process with `devices` devices, or `processes` of them joined through a coordinator."""
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env}
+    # The session's other XLA flags (the root conftest's), with this run's device count.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(), **env}
     if processes == 1:
         return [Job(args, folder, name, env)]
     port = str(_free_port())

@@ -166,7 +166,7 @@ def test_grain_loader_reads_token_windows_order_and_resumes(tiny_config):
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of tests/conftest.py
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the eight devices of the root conftest.py
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True
     )
