@@ -171,8 +171,14 @@ def make_host_copy(model: nnx.Module, mesh: Mesh) -> Callable:
 
 
 def all_finite(params) -> bool:
-    """Whether every parameter is finite, on every process: reductions over the global arrays."""
-    return all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+    """Whether every parameter is finite, on every process: one reduction over the global arrays,
+    one read back to the host (not one per parameter, each compiled for its shape)."""
+    return bool(_all_finite(params))
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]).all()
 
 
 def any_process(flag: bool) -> bool:

@@ -181,8 +181,11 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every parameter is finite, on every process: each checks its own (shards), then votes."""
-    return not any_process(not all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+    """Whether every parameter is finite, on every process: each checks its own (shards), with one
+    read back to the host (not one per parameter), then votes."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for p in local]).all()
+    return not any_process(not bool(finite))
 
 
 def any_process(flag: bool) -> bool:

@@ -31,7 +31,14 @@ from babygpt_jax.checkpoint import (
 from babygpt_jax.data import make_loaders
 from babygpt_jax.model import GPT
 from babygpt_jax.optim import lr_schedule, make_optimizer, weight_decay_mask
-from babygpt_jax.parallel import MESH_AXES, batch_sharding, device_memory, make_global_batch, peak_memory_gib
+from babygpt_jax.parallel import (
+    MESH_AXES,
+    all_finite,
+    batch_sharding,
+    device_memory,
+    make_global_batch,
+    peak_memory_gib,
+)
 from babygpt_jax.train import init_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +354,14 @@ def test_without_allocator_statistics_no_run_is_refused_beforehand(monkeypatch):
     monkeypatch.setattr(jax, "devices", lambda: [_Gpu(None)])  # used to raise a TypeError
     memory, platform = device_memory()
     assert platform == "gpu" and memory > 2**60
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data_parallel", "fsdp"])
+def test_all_finite_finds_one_non_finite_parameter_among_sharded_ones(fsdp):
+    _, _, state, _ = init_state(GPT(TINY, rngs=nnx.Rngs(0)), make_optimizer(TRAIN), _mesh(8, fsdp), fsdp, 0)
+    assert all_finite(state.params)
+    for bad in (np.nan, np.inf):
+        params = jax.tree.map(lambda x: x, state.params)  # a new tree over the same arrays
+        fc = params["transformer"]["h"][1]["mlp"]["c_fc"]
+        fc["kernel"] = fc["kernel"].at[3, 5].set(bad)
+        assert not all_finite(params)

@@ -24,7 +24,7 @@ from babygpt_torch.data import make_loaders
 from babygpt_torch.generate import generate
 from babygpt_torch.model import GPT
 from babygpt_torch.optim import lr_schedule, make_optimizer, weight_decay_mask
-from babygpt_torch.parallel import Dist, peak_memory_gib
+from babygpt_torch.parallel import Dist, all_finite, peak_memory_gib
 from babygpt_torch.train import TrainState, evaluate, main, train_step
 
 ROOT = Path(__file__).parent.parent
@@ -394,3 +394,16 @@ def test_generate_sample_runs_past_the_context(tiny_config):
 def test_peak_memory_is_none_on_a_cpu():
     # torch counts only its CUDA allocator's bytes; a CPU run reports no figure rather than 0 GiB.
     assert peak_memory_gib(torch.device("cpu")) is None
+
+
+def test_all_finite_finds_one_non_finite_parameter(tiny_model_config):
+    model = GPT(tiny_model_config)
+    assert all_finite(model)
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            saved, weight[5, 3] = weight[5, 3].item(), bad
+        assert not all_finite(model)
+        with torch.no_grad():
+            weight[5, 3] = saved
+    assert all_finite(model)
