@@ -61,6 +61,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "replicated": "a sharding annotation for replicated values; DDP replicates by construction",
         "param_shardings": "per-parameter shardings (replicated or FSDP) that jit compiles; DDP replicates",
         "put_global": "host values made global jax.Arrays, each process filling its own shards; torch ranks keep local tensors",
+        "_all_finite": "the check as one jitted function, compiled once for the whole tree; torch runs its ops eagerly",
     },
     ("parallel", "torch"): {
         "Dist": "torch passes its process-group facts around; JAX asks jax.process_index() and friends",
