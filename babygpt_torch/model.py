@@ -202,11 +202,16 @@ def cross_entropy(logits, targets, vocab_size: int):
 
 
 class _CrossEntropy(torch.autograd.Function):
+    # XLA fuses JAX's expression into one pass over the (B, T, V) logits; eager torch runs each op
+    # as a pass of its own into a fresh logits-sized buffer. So the masked copy is the one buffer,
+    # and the rest happens in it, in place (on a CPU, most of the step is these passes).
+
     @staticmethod
     def forward(ctx, logits, targets, vocab_size):
         wide = mask_padding(logits.to(torch.promote_types(logits.dtype, torch.float32)), vocab_size)
-        logz = torch.logsumexp(wide, dim=-1)  # (B, T)
         target_logit = wide.gather(-1, targets[..., None])[..., 0]  # (B, T)
+        top = wide.amax(dim=-1, keepdim=True)  # logsumexp, in place: wide is not needed after it
+        logz = wide.sub_(top).exp_().sum(dim=-1).log_() + top[..., 0]  # (B, T)
         ctx.save_for_backward(logits, targets, logz)
         ctx.vocab_size = vocab_size
         return (logz - target_logit).mean()
@@ -215,9 +220,10 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         logits, targets, logz = ctx.saved_tensors
         wide = mask_padding(logits.to(logz.dtype), ctx.vocab_size)
-        softmax = torch.exp(wide - logz[..., None])  # the padding: exp(-inf) = 0
-        one_hot = torch.arange(logits.size(-1), device=logits.device) == targets[..., None]
-        grad = (softmax - one_hot.to(softmax.dtype)) * (g / targets.numel())  # (B, T, V)
+        softmax = wide.sub_(logz[..., None]).exp_()  # the padding: exp(-inf) = 0
+        minus_one = torch.full_like(targets[..., None], -1, dtype=softmax.dtype)
+        grad = softmax.scatter_add_(-1, targets[..., None], minus_one)  # - one_hot, at the targets only
+        grad.mul_(g / targets.numel())  # (B, T, V)
         return grad.to(logits.dtype), None, None  # integer targets have no gradient
 
 
