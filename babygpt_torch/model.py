@@ -175,9 +175,11 @@ class GPT(nn.Module):
 
 def mask_padding(logits, vocab_size: int):
     """-inf at the entries past the tokenizer's vocabulary (they exist only to make V a multiple of
-    64), so that they take no probability mass."""
-    padding = torch.arange(logits.size(-1), device=logits.device) >= vocab_size
-    return logits.masked_fill(padding, float("-inf"))
+    64), so that they take no probability mass. A copy with its last columns overwritten: on a CPU,
+    `masked_fill` with a (V,) mask took three times as long over the default run's logits."""
+    masked = logits.clone()
+    masked[..., vocab_size:] = float("-inf")
+    return masked
 
 
 def training_loss(logits, targets, vocab_size: int):
