@@ -27,7 +27,16 @@ from babygpt.config import BabyGPTError, Config, dump_toml, load_config
 from babygpt.data import ensure_dataset
 from babygpt.files import atomic_open
 from babygpt.memory import check_fits
-from babygpt.run import BatchPlan, MetricsLog, Stopped, StopSignal, Throughput, check_finite, plan_batch
+from babygpt.run import (
+    BatchPlan,
+    MetricsLog,
+    Stopped,
+    StopSignal,
+    Throughput,
+    check_finite,
+    cluster_tasks,
+    plan_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +76,9 @@ def check_run_dir(config: Config) -> None:
     Only a process that is the whole run checks this early: in a group (torchrun, a JAX coordinator
     or cluster) the processes must refuse together, which needs the group the backend sets up.
     """
-    env = os.environ
-    alone = (
-        int(env.get("WORLD_SIZE", 1)) == 1
-        and "JAX_COORDINATOR_ADDRESS" not in env
-        and int(env.get("SLURM_NTASKS", 1)) == 1
-        and int(env.get("OMPI_COMM_WORLD_SIZE", 1)) == 1
-    )
-    if alone:
+    # The variables each backend's setup_distributed reads to join a group.
+    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if not torchrun and "JAX_COORDINATOR_ADDRESS" not in os.environ and cluster_tasks() == 1:
         # The backend's latest_step reads its own checkpoint format; any committed entry will do here.
         with RunDir(config, Processes(), latest_step=lambda path: 0) as run:
             run.open()

@@ -58,6 +58,12 @@ def plan_batch(config: Config, devices: int) -> BatchPlan:
     return BatchPlan(t.micro_batch_size, devices, T, t.total_batch_tokens // per_micro_step)
 
 
+def cluster_tasks() -> int:
+    """How many tasks the SLURM or Open MPI job this process belongs to has (1 outside one): with
+    several, `jax.distributed` finds the other processes through the cluster itself."""
+    return max(int(os.environ.get("SLURM_NTASKS", 1)), int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)))
+
+
 def keep_freed_host_memory(one_arena: bool) -> None:
     """Keep glibc from handing large freed blocks back to the operating system between CPU steps.
 

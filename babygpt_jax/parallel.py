@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from babygpt.config import Config
 from babygpt.memory import host_memory
-from babygpt.run import keep_freed_host_memory
+from babygpt.run import cluster_tasks, keep_freed_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def setup_distributed() -> None:
     cpu = (jax.config.jax_platforms or ("" if plugin else "cpu")).startswith("cpu")
     if cpu:  # before XLA's CPU runtime starts its threads, which allocate the big blocks
         keep_freed_host_memory(one_arena=True)
-    cluster = int(os.environ.get("SLURM_NTASKS", 1)) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+    cluster = cluster_tasks() > 1
     heartbeat = int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S))
     patience = int(os.environ.get("JAX_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S))
     if (coordinator or cluster) and not jax.distributed.is_initialized():

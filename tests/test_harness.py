@@ -191,6 +191,25 @@ def test_a_refused_run_directory_is_refused_before_the_framework_loads(backend, 
     assert "already holds a run; pass --resume" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "group", [{"WORLD_SIZE": "2"}, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, {"SLURM_NTASKS": "4"}]
+)
+def test_a_process_of_a_group_leaves_the_check_to_the_group(group, tmp_path, monkeypatch, tiny_config):
+    # The same taken directory that a lone process refuses at once; one of several processes must
+    # not refuse alone (the others would wait for it), so the early check steps aside.
+    from babygpt.config import BabyGPTError
+    from babygpt.harness import check_run_dir
+
+    (tiny_config.run_dir / "checkpoints" / "2").mkdir(parents=True)
+    for name in ("WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(BabyGPTError, match="no config.toml"):
+        check_run_dir(tiny_config)
+    for name, value in group.items():
+        monkeypatch.setenv(name, value)
+    check_run_dir(tiny_config)
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_divergence_keeps_no_checkpoint_and_the_next_run_starts_over(
     backend, tmp_path, tiny_dataset, tiny_overrides
