@@ -129,7 +129,7 @@ class StreamDecoder:
 
 
 class RowCollector:
-    """The new tokens of each row, read off the batch's token stream one position at a time.
+    """The new tokens of each row, read off the batch's token stream a position or a block at a time.
 
     Rows are right-padded and step together from the shortest prompt's length (see `generate`), so
     at position `pos` a row whose prompt is longer is still being fed its own prompt; its new tokens
@@ -152,17 +152,26 @@ class RowCollector:
 
     def add(self, pos: int, column: Sequence[int]) -> None:
         """The token every row holds at position `pos`."""
-        for row, token in enumerate(column):
-            if self.done[row] or pos < self.lengths[row]:
+        self.add_block(pos, [[token] for token in column])
+
+    def add_block(self, start: int, rows: Sequence[Sequence[int]]) -> None:
+        """Every row's tokens from position `start` on: rows[r] holds row r's at start, start + 1, ...
+
+        A row at a time, in slices: a decode loop that reads its tokens back once, at its end,
+        hands over 32 rows x 256 tokens, which token by token took ~3 ms of Python."""
+        for row, tokens in enumerate(rows):
+            if self.done[row]:
                 continue
-            if token == self.stop_token:
-                self.done[row] = True
-                continue
-            self.tokens[row].append(int(token))
+            new = [int(token) for token in tokens[max(self.lengths[row] - start, 0) :]]
+            if self.stop_token in new:
+                new, self.done[row] = new[: new.index(self.stop_token)], True
+            room = self.max_new_tokens - len(self.tokens[row])
+            if len(new) >= room:
+                new, self.done[row] = new[:room], True
+            self.tokens[row].extend(new)
             if self.on_token is not None:
-                self.on_token(row, int(token))
-            if len(self.tokens[row]) == self.max_new_tokens:
-                self.done[row] = True
+                for token in new:
+                    self.on_token(row, token)
 
     @property
     def finished(self) -> bool:

@@ -183,10 +183,7 @@ def generate(
             key,
             settings,
         )
-        for pos in range(shortest, cached_last + 1):
-            collector.add(pos, padded[:B, pos].tolist())
-            if collector.finished:
-                break
+        collector.add_block(shortest, padded[:B, shortest : cached_last + 1].tolist())
     else:
         cache = model.init_cache(rows, S, model.dtype)
         cache, token = prefill(model, cache, chunk, jnp.int32(shortest), tokens, lengths_arr, key, settings)

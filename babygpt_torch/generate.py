@@ -172,8 +172,7 @@ def generate(
             for pos in range(shortest, cached_last + 1):
                 due = stop_token is not None and (pos + 1 - shortest) % CHECK_EVERY == 0
                 if on_token is not None or due or pos == cached_last:
-                    for p, column in zip(range(seen, pos + 1), tokens[:, seen : pos + 1].T.tolist()):
-                        collector.add(p, column)
+                    collector.add_block(seen, tokens[:, seen : pos + 1].tolist())
                     seen = pos + 1
                     if collector.finished:
                         break

@@ -17,6 +17,7 @@ import babygpt_torch.generate as tgen
 from babygpt.config import BabyGPTError, ModelConfig
 from babygpt.hf import write_hf_dir
 from babygpt.sampling import (
+    RowCollector,
     SamplingSettings,
     StreamDecoder,
     cache_length,
@@ -336,6 +337,29 @@ def test_prompt_past_the_context_keeps_its_last_block_size_tokens(backend, livel
     out = generate(backend, models, [long_prompt], 20, **kwargs)
     assert out == generate(backend, models, [long_prompt[-config.block_size :]], 20, **kwargs)
     assert out[0] == sliding_window_greedy(backend, models, long_prompt, 20, config.block_size)[0]
+
+
+@pytest.mark.parametrize("stop_token", [None, 7])
+def test_a_block_of_positions_collects_what_one_position_at_a_time_does(stop_token):
+    rng = np.random.default_rng(0)
+    lengths, start, max_new = [3, 5, 13, 4], 3, 4
+    stream = rng.integers(0, 7, size=(len(lengths), 12)).tolist()  # positions 3..14, no 7
+    stream[1][4] = 7  # row 1 meets the stop token at position 7, inside its first 4 new tokens
+    by_position, by_block = ([] for _ in range(2))
+    one = RowCollector(lengths, max_new, stop_token, lambda row, token: by_position.append((row, token)))
+    for offset, column in enumerate(zip(*stream)):
+        one.add(start + offset, list(column))
+    block = RowCollector(lengths, max_new, stop_token, lambda row, token: by_block.append((row, token)))
+    block.add_block(start, [row[:5] for row in stream])  # in two blocks
+    block.add_block(start + 5, [row[5:] for row in stream])
+    assert block.tokens == one.tokens
+    assert block.done == one.done == [True, True, False, True]  # row 2 has 2 of its 4 tokens
+    assert sorted(by_block) == sorted(by_position)  # every token once; rows in turn, not interleaved
+    assert [t for row, t in by_block if row == 0] == one.tokens[0]
+    if stop_token is None:
+        assert one.tokens[1] == stream[1][2:6]
+    else:
+        assert one.tokens[1] == stream[1][2:4]  # cut before the stop token, which is not kept
 
 
 def test_crop_and_bucket_lengths():
