@@ -240,9 +240,8 @@ def _compiled_steps(greedy: bool, filtered: bool, fused: bool = False):
     def prefill(model, cache, chunk, n, tokens, lengths, key, settings):
         # chunk (B, width) is the prompts past the shortest one's n tokens too: their keys and
         # values are overwritten by the decode steps before any step can attend to them.
-        logits, cache = eval_mode(model).decode(chunk, cache, 0)  # (B, width, V)
-        last_logits = jnp.take(logits, n - 1, axis=1)  # (B, V)
-        return cache, choose(last_logits, n, tokens, lengths, key, settings)
+        logits, cache = eval_mode(model).decode(chunk, cache, 0, at=n - 1)  # (B, 1, V)
+        return cache, choose(logits[:, 0], n, tokens, lengths, key, settings)
 
     def weights_of(model, rows: int):
         # A batch's fused path (BATCH_FROM rows) reads the model's own weights, not these copies.

@@ -175,11 +175,13 @@ class GPT(nnx.Module):
         loss = training_loss(logits, targets, self.config.vocab_size)
         return jax.lax.stop_gradient(logits[..., : self.config.vocab_size]), loss
 
-    def decode(self, idx, kv_cache: KVCache, pos):
-        """Logits for idx at positions pos.., and the kv_cache extended by them (a new value)."""
-        return self._logits(idx, kv_cache, pos)
+    def decode(self, idx, kv_cache: KVCache, pos, at=None):
+        """Logits for idx at positions pos.., and the kv_cache extended by them (a new value). With
+        `at`, only those of idx's column `at` (B, 1, V): all a sampler reads after a prefill. The
+        head over every column would be a third of a 124M prefill's FLOPs and a (B, T, V) buffer."""
+        return self._logits(idx, kv_cache, pos, at=at)
 
-    def _logits(self, idx, kv_cache=None, pos=0, mask=True):
+    def _logits(self, idx, kv_cache=None, pos=0, mask=True, at=None):
         B, T = idx.shape
         positions = pos + jnp.arange(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
@@ -187,6 +189,8 @@ class GPT(nnx.Module):
         for i, block in enumerate(self.transformer.h):
             x, layer_cache = block(x, None if kv_cache is None else kv_cache[i], pos)
             new_cache.append(layer_cache)
+        if at is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1)  # (B, 1, C)
         logits = self.head(self.transformer.ln_f(x), mask)  # (B, T, V)
         return logits, None if kv_cache is None else new_cache
 

@@ -165,7 +165,7 @@ def generate(
     model.eval()
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            logits, _ = model.decode(tokens[:, :shortest], cache, 0)
+            logits, _ = model.decode(tokens[:, :shortest], cache, 0, at=shortest - 1)  # (B, 1, V)
             pos_t.fill_(shortest - 1)
             commit(sample(logits[:, -1], generator, temperature, top_k, top_p))
             seen = shortest  # the first position the collector has not read

@@ -133,16 +133,20 @@ class GPT(nn.Module):
         loss = training_loss(logits, targets, self.config.vocab_size)
         return logits[..., : self.config.vocab_size].detach(), loss
 
-    def decode(self, idx, kv_cache: KVCache, pos):
-        """Logits for idx at positions pos.., reading and extending kv_cache (in place)."""
-        return self._logits(idx, kv_cache, pos)
+    def decode(self, idx, kv_cache: KVCache, pos, at=None):
+        """Logits for idx at positions pos.., reading and extending kv_cache (in place). With `at`,
+        only those of idx's column `at` (B, 1, V): all a sampler reads after a prefill. The head
+        over every column would be a third of a 124M prefill's FLOPs and a (B, T, V) buffer."""
+        return self._logits(idx, kv_cache, pos, at=at)
 
-    def _logits(self, idx, kv_cache=None, pos=0, mask=True):
+    def _logits(self, idx, kv_cache=None, pos=0, mask=True, at=None):
         B, T = idx.size()
         positions = pos + torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x, _ = block(x, None if kv_cache is None else kv_cache[i], pos)
+        if at is not None:
+            x = x.narrow(1, at, 1)  # (B, 1, C)
         logits = self.head(self.transformer.ln_f(x), mask)  # (B, T, V)
         return logits, kv_cache
 

@@ -182,6 +182,26 @@ def test_kv_cache_logits_equal_full_forward(backend, models, config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_prefill_for_one_column_gives_that_columns_logits_and_the_whole_cache(backend, models, config):
+    idx = np.random.default_rng(1).integers(0, 100, (2, 6))
+    model, at = models[backend], 3
+    if backend == "torch":
+        with torch.no_grad():
+            every, every_cache = model.decode(torch.from_numpy(idx), model.init_cache(2, 8), 0)
+            one, one_cache = model.decode(torch.from_numpy(idx), model.init_cache(2, 8), 0, at=at)
+    else:
+        every, every_cache = _jax_decode(model, jnp.asarray(idx), model.init_cache(2, 8), 0)
+        one, one_cache = nnx.jit(lambda m, i, c, a: m.decode(i, c, 0, at=a))(
+            model, jnp.asarray(idx), model.init_cache(2, 8), jnp.int32(at)  # traced, as in the JAX prefill
+        )
+    assert np.asarray(one).shape == (2, 1, config.padded_vocab_size)
+    np.testing.assert_allclose(np.asarray(one)[:, 0], np.asarray(every)[:, at], rtol=0, atol=1e-6)
+    for layer, expected in zip(one_cache, every_cache):
+        for got, want in zip(layer, expected):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_generate_equals_argmax_of_full_forward(backend, models, config):
     """No recomputation of the prefix, and no drift from it either."""
     prompt, out = PROMPTS[1], generate(backend, models, PROMPTS[1:2], 7, temperature=0.0, stop_token=None)[0]
