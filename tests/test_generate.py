@@ -192,7 +192,10 @@ def test_a_prefill_for_one_column_gives_that_columns_logits_and_the_whole_cache(
     else:
         every, every_cache = _jax_decode(model, jnp.asarray(idx), model.init_cache(2, 8), 0)
         one, one_cache = nnx.jit(lambda m, i, c, a: m.decode(i, c, 0, at=a))(
-            model, jnp.asarray(idx), model.init_cache(2, 8), jnp.int32(at)  # traced, as in the JAX prefill
+            model,
+            jnp.asarray(idx),
+            model.init_cache(2, 8),
+            jnp.int32(at),  # traced, as in the JAX prefill
         )
     assert np.asarray(one).shape == (2, 1, config.padded_vocab_size)
     np.testing.assert_allclose(np.asarray(one)[:, 0], np.asarray(every)[:, at], rtol=0, atol=1e-6)
