@@ -167,7 +167,7 @@ def generate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model.decode(tokens[:, :shortest], cache, 0, at=shortest - 1)  # (B, 1, V)
             pos_t.fill_(shortest - 1)
-            commit(sample(logits[:, -1], generator, temperature, top_k, top_p))
+            commit(sample(logits[:, 0], generator, temperature, top_k, top_p))
             seen = shortest  # the first position the collector has not read
             for pos in range(shortest, cached_last + 1):
                 due = stop_token is not None and (pos + 1 - shortest) % CHECK_EVERY == 0
