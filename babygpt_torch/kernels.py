@@ -72,12 +72,26 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _after_previous(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper on): a kernel launched with `launch_pdl` is scheduled
+    while the one before it still runs, and waits here until that one's writes are visible (1),
+    then (2) lets the next kernel be scheduled in turn. Everything a kernel reads or writes comes
+    after this, so kernels still run one after another; what overlaps is the launch."""
+    if PDL >= 1:
+        tl.extra.cuda.gdc_wait()
+    if PDL >= 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _ln_linear_kernel(
     x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, out_ptr, eps, rows,
     K: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, VALID_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """out[:, n-block] = act(LayerNorm(x) @ w[n-block].T + bias): one program per BN output columns."""
+    _after_previous(PDL)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     for row in range(rows):  # one row at batch 1; a few rows re-read w from the cache
         x_row = x_ptr + row * K
@@ -111,9 +125,11 @@ def _ln_linear_kernel(
 
 @triton.jit
 def _linear_residual_kernel(
-    h_ptr, w_ptr, bias_ptr, x_ptr, rows, K: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
-):
+    h_ptr, w_ptr, bias_ptr, x_ptr, rows,
+    K: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     """x[:, n-block] += h @ w[n-block].T + bias, in place: each program reads and writes only its columns."""
+    _after_previous(PDL)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     for row in range(rows):
         acc = tl.zeros((BN,), tl.float32)
@@ -131,7 +147,7 @@ def _linear_residual_kernel(
 @triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, part_ptr, scale, B,
-    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (row, head, block of BS cache slots): this block's share of attention for the new token.
 
@@ -141,6 +157,7 @@ def _decode_attention_kernel(
     head are split across programs, so a batch of one still fills the GPU); `_combine_kernel`
     merges them. A block wholly past pos stores (-inf, 0, 0).
     """
+    _after_previous(PDL)
     row, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = tl.arange(0, HS)
     pos = tl.load(pos_ptr)
@@ -170,12 +187,13 @@ def _decode_attention_kernel(
 def _decode_attention_rows_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr,
     SCALE: tl.constexpr, C: tl.constexpr, S: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (row, head) of a batch: the new key and value into the cache, then attention over slots
     0..pos in blocks of BS, with a running maximum and normaliser (online softmax), the loads of
     STAGES blocks in flight. A batch has B x nh programs already, so a head's slots are not split
     and nothing is left to combine."""
+    _after_previous(PDL)
     row, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HS)
     pos = tl.load(pos_ptr)
@@ -206,9 +224,11 @@ def _decode_attention_rows_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, pos_ptr, y_ptr, B, C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr
-):
+    part_ptr, pos_ptr, y_ptr, B,
+    C: tl.constexpr, HS: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     """One (row, head): the blocks' shares merged into softmax(scores) @ values, as bfloat16."""
+    _after_previous(PDL)
     row, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HS)
     at = part_ptr + row * C + head * HS + d  # block 0, which always holds slot 0
@@ -223,8 +243,11 @@ def _combine_kernel(
 
 
 @triton.jit
-def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.constexpr, BK: tl.constexpr):
+def _embed_kernel(
+    tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr
+):
     """x[row] = wte[tokens[row, pos]] + wpe[pos]."""
+    _after_previous(PDL)
     row = tl.program_id(0)
     pos = tl.load(pos_ptr)
     token = tl.load(tokens_ptr + row * stride + pos)
@@ -236,8 +259,11 @@ def _embed_kernel(tokens_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, stride, C: tl.co
 
 
 @triton.jit
-def _argmax_blocks_kernel(logits_ptr, best_ptr, at_ptr, V: tl.constexpr, BV: tl.constexpr, NBV: tl.constexpr):
+def _argmax_blocks_kernel(
+    logits_ptr, best_ptr, at_ptr, V: tl.constexpr, BV: tl.constexpr, NBV: tl.constexpr, PDL: tl.constexpr
+):
     """One (row, block of BV logits): the block's largest logit and where it is (the first, if tied)."""
+    _after_previous(PDL)
     row, block = tl.program_id(0), tl.program_id(1)
     v = block * BV + tl.arange(0, BV)
     values = tl.load(logits_ptr + row * V + v, mask=v < V, other=float("-inf"))
@@ -247,10 +273,12 @@ def _argmax_blocks_kernel(logits_ptr, best_ptr, at_ptr, V: tl.constexpr, BV: tl.
 
 @triton.jit
 def _greedy_kernel(
-    best_ptr, at_ptr, tokens_ptr, lengths_ptr, pos_ptr, stride, NBV: tl.constexpr, BB: tl.constexpr
-):
+    best_ptr, at_ptr, tokens_ptr, lengths_ptr, pos_ptr, stride,
+    NBV: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     """tokens[row, pos + 1] = the row's prompt token while inside its prompt, else its argmax: the
     first block holding the largest logit, that block's first (as torch.argmax and jnp.argmax)."""
+    _after_previous(PDL)
     row = tl.program_id(0)
     b = tl.arange(0, BB)
     best = tl.load(best_ptr + row * NBV + b, mask=b < NBV, other=float("-inf"))
@@ -330,21 +358,33 @@ def cross_entropy(
     return _CrossEntropy.apply(rows, targets.reshape(-1).contiguous(), vocab_size, block_v, num_warps)
 
 
-def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None) -> torch.Tensor:
+# Programmatic dependent launch for `FusedDecoder`'s kernels: 0 off, 1 wait only, 2 wait and
+# trigger (`_after_previous`). Hopper (sm_90) and later.
+PDL = 2 if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else 0
+
+
+def _launch(pdl: int) -> dict:
+    """Triton's launch option for `_after_previous`; none at all where it is off, as under
+    torch.compile, which launches the kernels it calls itself and knows no such option."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+def ln_linear(x, ln, weight, bias, out, *, gelu=False, valid_n=None, pdl=0) -> torch.Tensor:
     """out = act(LayerNorm(x) @ weight.T + bias): x (B, K) float32, weight (N, K) bfloat16, out (B, N)."""
     (B, K), N = x.shape, weight.shape[0]
     _ln_linear_kernel[(N // BLOCK_N,)](
         x, ln.weight, ln.bias, weight, weight if bias is None else bias, out, ln.eps, B,
-        K, N, BLOCK_N, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, num_warps=LN_WARPS,
+        K, N, BLOCK_N, BLOCK_K, bias is not None, gelu, N if valid_n is None else valid_n, pdl,
+        num_warps=LN_WARPS, **_launch(pdl),
     )  # fmt: skip
     return out
 
 
-def linear_residual(h, weight, bias, x) -> torch.Tensor:
+def linear_residual(h, weight, bias, x, pdl=0) -> torch.Tensor:
     """x += h @ weight.T + bias, in place: h (B, K) bfloat16, weight (N, K), x (B, N) float32."""
     (B, K), N = h.shape, weight.shape[0]
     _linear_residual_kernel[(N // BLOCK_N,)](
-        h, weight, bias, x, B, K, N, BLOCK_N, BLOCK_K, num_warps=RESIDUAL_WARPS
+        h, weight, bias, x, B, K, N, BLOCK_N, BLOCK_K, pdl, num_warps=RESIDUAL_WARPS, **_launch(pdl)
     )
     return x
 
@@ -353,7 +393,7 @@ def attention_blocks(cache_len: int) -> int:
     return triton.cdiv(cache_len, BLOCK_S)
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, pos, y, part=None, pdl=0) -> torch.Tensor:
     """y (B, C) from qkv (B, 3C) and the (B, nh, S, hs) cache, which gains this position's keys
     and values. Below BATCH_FROM rows each head's slots are split across programs, and part is
     (3, attention_blocks(S), B, C) float32 scratch for their shares; from it, unused."""
@@ -362,24 +402,27 @@ def decode_attention(qkv, k_cache, v_cache, pos, y, part=None) -> torch.Tensor:
     if B >= BATCH_FROM:
         rows_block = ROWS_BLOCK_S["torch"]
         _decode_attention_rows_kernel[(B, n_head)](
-            qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, rows_block, ROWS_STAGES, num_warps=ROWS_WARPS
-        )
+            qkv, k_cache, v_cache, pos, y, hs**-0.5, C, S, hs, rows_block, ROWS_STAGES, pdl,
+            num_warps=ROWS_WARPS, **_launch(pdl),
+        )  # fmt: skip
         return y
     NB = part.shape[1]
     _decode_attention_kernel[(B, n_head, NB)](
-        qkv, k_cache, v_cache, pos, part, hs**-0.5, B, C, S, hs, BLOCK_S, NB
+        qkv, k_cache, v_cache, pos, part, hs**-0.5, B, C, S, hs, BLOCK_S, NB, pdl, **_launch(pdl)
     )
-    _combine_kernel[(B, n_head)](part, pos, y, B, C, hs, BLOCK_S, NB)
+    _combine_kernel[(B, n_head)](part, pos, y, B, C, hs, BLOCK_S, NB, pdl, **_launch(pdl))
     return y
 
 
-def embed(tokens, pos, wte, wpe, x) -> torch.Tensor:
+def embed(tokens, pos, wte, wpe, x, pdl=0) -> torch.Tensor:
     """x (B, C) float32: every row's token at pos (tokens is (B, S + 1)) embedded, plus pos's embedding."""
-    _embed_kernel[(x.shape[0],)](tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K)
+    _embed_kernel[(x.shape[0],)](
+        tokens, pos, wte, wpe, x, tokens.stride(0), x.shape[1], BLOCK_K, pdl, **_launch(pdl)
+    )
     return x
 
 
-def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
+def greedy(logits, tokens, lengths, pos, pdl=0) -> torch.Tensor:
     """Write every row's token at pos + 1 (tokens is (B, S + 1)): its prompt's while inside it,
     else the argmax of its logits (B, V). Two kernels for what is 6 in torch (the argmax, one block
     of the GPU for 50k logits, then the prompt-or-choice write); XLA fuses JAX's on its own."""
@@ -387,8 +430,9 @@ def greedy(logits, tokens, lengths, pos) -> torch.Tensor:
     NBV = triton.cdiv(V, BLOCK_K)
     best = torch.empty(B, NBV, device=logits.device)  # in a CUDA graph, from the graph's own pool
     at = torch.empty(B, NBV, dtype=torch.int32, device=logits.device)
-    _argmax_blocks_kernel[(B, NBV)](logits, best, at, V, BLOCK_K, NBV)
-    _greedy_kernel[(B,)](best, at, tokens, lengths, pos, tokens.stride(0), NBV, triton.next_power_of_2(NBV))
+    _argmax_blocks_kernel[(B, NBV)](logits, best, at, V, BLOCK_K, NBV, pdl, **_launch(pdl))
+    BB = triton.next_power_of_2(NBV)
+    _greedy_kernel[(B,)](best, at, tokens, lengths, pos, tokens.stride(0), NBV, BB, pdl, **_launch(pdl))
     return tokens
 
 
@@ -439,6 +483,7 @@ class FusedDecoder:
         self.part = new(3, attention_blocks(cache_len), B, C, dtype=torch.float32)  # attention's blocks
         self.out = new(B, c.padded_vocab_size, dtype=torch.float32)  # logits
         self.weights = decode_weights(model)
+        self.pdl = PDL if device.type == "cuda" else 0
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -449,20 +494,23 @@ class FusedDecoder:
     def logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """(B, V) float32 logits for the token every row of tokens (B, S + 1) holds at pos (1,)."""
         h, w, c = self.model.transformer, self.weights, self.model.config
-        x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x)  # float32 tables, as in decode
+        pdl = self.pdl
+        x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x, pdl)  # float32 tables, as in decode
         for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
             p = f"transformer.h.{i}."
-            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv)
-            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.part)
-            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x)
-            ln_linear(x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, gelu=True)
-            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x)
+            ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv, pdl=pdl)
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, self.part, pdl)
+            linear_residual(self.y, w[p + "attn.c_proj.weight"], block.attn.c_proj.bias, x, pdl)
+            ln_linear(
+                x, block.ln_2, w[p + "mlp.c_fc.weight"], block.mlp.c_fc.bias, self.h, gelu=True, pdl=pdl
+            )
+            linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x, pdl)
         head = w["transformer.wte.weight"]  # the tied table
-        return ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size)
+        return ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size, pdl=pdl)
 
     def greedy(self, tokens: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, cache) -> None:
         """Every row's token at pos + 1: its prompt's (lengths (B,)) while inside it, else the argmax."""
-        greedy(self.logits(tokens, pos, cache), tokens, lengths, pos)
+        greedy(self.logits(tokens, pos, cache), tokens, lengths, pos, self.pdl)
 
 
 def cuda_graph(fn):
