@@ -254,16 +254,15 @@ def _compiled_steps(
 
     buffers = (cache, tokens, lengths, pos)
     static = [tokens, lengths, pos, *(t for layer in cache for t in layer)]
-    if fused and batch_size >= BATCH_FROM:  # the model's modules around the attention kernel, compiled below
+    if fused:
         from babygpt_torch import kernels
-
+    if fused and batch_size >= BATCH_FROM and not kernels.rows_fit(model.config, batch_size):
+        # a large batch: the model's modules around the attention kernel, compiled below
         y = torch.zeros(batch_size, model.config.n_embd, dtype=dtype, device=device)  # attention's output
         static.append(y)
         logits_at = lambda: kernels.batch_decode(model, tokens, pos, cache, y)  # noqa: F811
         greedy_step = lambda: kernels.greedy(logits_at(), tokens, lengths, pos)  # noqa: F811
     elif fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
-        from babygpt_torch import kernels
-
         decoder = kernels.FusedDecoder(model, batch_size, cache_len)
         logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811
         greedy_step = lambda: decoder.greedy(tokens, lengths, pos, cache)  # noqa: F811

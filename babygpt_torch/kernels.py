@@ -289,6 +289,84 @@ def _greedy_kernel(
 
 
 @triton.jit
+def _layer_norm_rows_kernel(
+    x_ptr, g_ptr, b_ptr, out_ptr, eps, C: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr
+):
+    """out[row] = LayerNorm(x[row]) in bfloat16, the input of a GEMM: one program per row."""
+    _after_previous(PDL)
+    row = tl.program_id(0)
+    d = tl.arange(0, BC)
+    inside = d < C
+    x = tl.load(x_ptr + row * C + d, mask=inside, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    centred = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+    g, b = tl.load(g_ptr + d, mask=inside, other=0.0), tl.load(b_ptr + d, mask=inside, other=0.0)
+    tl.store(out_ptr + row * C + d, (centred * rstd * g + b).to(tl.bfloat16), mask=inside)
+
+
+@triton.jit
+def _rows_epilogue(acc, bias_ptr, out_ptr, rm, rn, M, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GELU: tl.constexpr, RESIDUAL: tl.constexpr, VALID_N: tl.constexpr):  # fmt: skip
+    """What autocast's F.linear and the module around it do to a float32 tile of a @ w.T: the
+    bias (bfloat16) added before the one rounding to bfloat16, then GELU, or the residual add into
+    a float32 stream, or the vocabulary's padding set to -inf."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.bfloat16).to(tl.float32)[None, :]
+    out = acc.to(tl.bfloat16).to(tl.float32)
+    if GELU:
+        out = _gelu_tanh(out).to(tl.bfloat16).to(tl.float32)
+    at, rows = rm[:, None] * N + rn[None, :], rm[:, None] < M
+    if RESIDUAL:
+        out += tl.load(out_ptr + at, mask=rows, other=0.0)
+    if VALID_N < N:
+        out = tl.where(rn[None, :] < VALID_N, out, float("-inf"))
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _rows_linear_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M,
+    K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    RESIDUAL: tl.constexpr, VALID_N: tl.constexpr, FLOAT_DOT: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """A (BM rows, BN columns) tile of epilogue(a @ w.T) on tensor cores, over K / SPLIT of K.
+
+    a (M, K) bfloat16, w (N, K) bfloat16. With SPLIT > 1 each of a tile's SPLIT programs stores
+    its float32 partial sum, and the last to finish (a counter per tile) adds them up in order of
+    K, so the result does not depend on which finished first, then runs the epilogue and resets
+    the counter for the next call."""
+    _after_previous(PDL)
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    k0 = pid_k * (K // SPLIT)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k in tl.range(k0, k0 + K // SPLIT, BK, num_stages=STAGES):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M, other=0.0)  # (BM, BK)
+        w = tl.load(w_ptr + rn[None, :] * K + (k + rk)[:, None])  # (BK, BN)
+        if FLOAT_DOT:  # Triton's interpreter multiplies bfloat16 tiles wrongly; float32 is exact here
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+    if SPLIT == 1:
+        _rows_epilogue(acc, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, GELU, RESIDUAL, VALID_N)
+    else:
+        tile = pid_m * (N // BN) + pid_n
+        part = (
+            part_ptr + (tile * SPLIT) * BM * BN + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        )
+        tl.store(part + pid_k * BM * BN, acc)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:  # the last of the tile's programs
+            total = tl.zeros((BM, BN), tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(part + s * BM * BN, cache_modifier=".cg")  # from the L2, not a stale L1
+            _rows_epilogue(total, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, GELU, RESIDUAL, VALID_N)
+            tl.store(count_ptr + tile, 0)
+
+
+@triton.jit
 def _logsumexp_kernel(logits_ptr, logz_ptr, stride, VOCAB: tl.constexpr, BV: tl.constexpr):
     """logz[row] = log(sum(exp(logits[row, :VOCAB]))) in one read of the row: a running maximum
     and a sum rescaled whenever it grows (online softmax). The padding is never read."""
@@ -436,6 +514,58 @@ def greedy(logits, tokens, lengths, pos, pdl=0) -> torch.Tensor:
     return tokens
 
 
+# Each matmul of a batch's step (GPT-2 124M at 32 rows on an H200): (BLOCK_N, BLOCK_K, stages,
+# warps, split of K), the fastest of a sweep of each alone (docs/benchmarks.md, 2026-12-03).
+ROWS_GEMM = {
+    "qkv": (32, 256, 3, 4, 1),
+    "proj": (32, 128, 3, 4, 1),
+    "fc": (32, 256, 3, 4, 1),
+    "proj2": (32, 128, 3, 8, 8),
+    "head": (128, 64, 3, 4, 1),
+}
+ROWS_BM = 32  # rows per tile: a tensor-core tile wants 16 or more
+# Past 32 rows (two tiles of rows, each reading every weight), cuBLAS's GEMMs in the compiled step
+# were faster: at 64 rows 84,297 against 79,047 new tokens/s (docs/benchmarks.md, 2026-12-03).
+ROWS_UP_TO = 32
+
+
+def layer_norm_rows(x, ln, out, pdl=0) -> torch.Tensor:
+    """out (B, C) bfloat16 = LayerNorm(x), x (B, C) float32."""
+    B, C = x.shape
+    _layer_norm_rows_kernel[(B,)](
+        x, ln.weight, ln.bias, out, ln.eps, C, triton.next_power_of_2(C), pdl, **_launch(pdl)
+    )
+    return out
+
+
+def rows_linear(a, weight, bias, out, scratch, *, gemm, gelu=False, residual=False, valid_n=None, pdl=0):
+    """out = epilogue(a @ weight.T + bias) for a (B, K) bfloat16: out (B, N) bfloat16, or with
+    residual, out (B, N) float32 += it; `scratch` = (partial sums, counters) for a split K."""
+    (M, K), N = a.shape, weight.shape[0]
+    BN, BK, stages, warps, split = ROWS_GEMM[gemm]
+    parts, counts = scratch
+    grid = (N // BN, triton.cdiv(M, ROWS_BM), split)
+    _rows_linear_kernel[grid](
+        a, weight, weight if bias is None else bias, out, parts, counts, M, K, N, ROWS_BM, BN, BK, split,
+        stages, bias is not None, gelu, residual, N if valid_n is None else valid_n,
+        os.environ.get("TRITON_INTERPRET") == "1", pdl, num_warps=warps, **_launch(pdl),
+    )  # fmt: skip
+    return out
+
+
+def rows_fit(config, batch_size: int) -> bool:
+    """Whether `FusedDecoder` takes a batch's matmuls as `rows_linear` GEMMs: BATCH_FROM to
+    ROWS_UP_TO rows, and tiles that divide every matmul of the model."""
+    if not BATCH_FROM <= batch_size <= ROWS_UP_TO:
+        return False
+    C, V = config.n_embd, config.padded_vocab_size
+    shapes = {"qkv": (3 * C, C), "proj": (C, C), "fc": (4 * C, C), "proj2": (C, 4 * C), "head": (V, C)}
+    return all(
+        n % ROWS_GEMM[g][0] == 0 and k % (ROWS_GEMM[g][1] * ROWS_GEMM[g][4]) == 0
+        for g, (n, k) in shapes.items()
+    )
+
+
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
 
 
@@ -484,6 +614,16 @@ class FusedDecoder:
         self.out = new(B, c.padded_vocab_size, dtype=torch.float32)  # logits
         self.weights = decode_weights(model)
         self.pdl = PDL if device.type == "cuda" else 0
+        # From BATCH_FROM rows, GEMMs on tensor-core tiles (`rows_linear`) after a LayerNorm of their own
+        self.rows = rows_fit(c, B)
+        if self.rows:
+            self.xn = new(B, C)  # LayerNorm's output
+            tiles = max(n // ROWS_GEMM[g][0] * ROWS_GEMM[g][4] for g, n in (("proj2", C), ("qkv", 3 * C)))
+            tiles *= triton.cdiv(B, ROWS_BM)
+            self.scratch = (
+                new(tiles, ROWS_BM, max(g[0] for g in ROWS_GEMM.values()), dtype=torch.float32),
+                new(tiles, dtype=torch.int32),  # the counters start at 0 and each call leaves them so
+            )
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -496,6 +636,8 @@ class FusedDecoder:
         h, w, c = self.model.transformer, self.weights, self.model.config
         pdl = self.pdl
         x = embed(tokens, pos, h.wte.weight, h.wpe.weight, self.x, pdl)  # float32 tables, as in decode
+        if self.rows:
+            return self._rows_logits(x, tokens, pos, cache)
         for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
             p = f"transformer.h.{i}."
             ln_linear(x, block.ln_1, w[p + "attn.c_attn.weight"], block.attn.c_attn.bias, self.qkv, pdl=pdl)
@@ -507,6 +649,45 @@ class FusedDecoder:
             linear_residual(self.h, w[p + "mlp.c_proj.weight"], block.mlp.c_proj.bias, x, pdl)
         head = w["transformer.wte.weight"]  # the tied table
         return ln_linear(x, h.ln_f, head, None, self.out, valid_n=c.vocab_size, pdl=pdl)
+
+    def _rows_logits(self, x, tokens, pos, cache) -> torch.Tensor:
+        h, w, c, pdl = self.model.transformer, self.weights, self.model.config, self.pdl
+        xn, scratch = self.xn, self.scratch
+        for i, (block, (k_cache, v_cache)) in enumerate(zip(h.h, cache)):
+            p = f"transformer.h.{i}."
+            attn, mlp = block.attn, block.mlp
+            layer_norm_rows(x, block.ln_1, xn, pdl)
+            rows_linear(
+                xn, w[p + "attn.c_attn.weight"], attn.c_attn.bias, self.qkv, scratch, gemm="qkv", pdl=pdl
+            )
+            decode_attention(self.qkv, k_cache, v_cache, pos, self.y, pdl=pdl)
+            rows_linear(
+                self.y,
+                w[p + "attn.c_proj.weight"],
+                attn.c_proj.bias,
+                x,
+                scratch,
+                gemm="proj",
+                residual=True,
+                pdl=pdl,
+            )
+            layer_norm_rows(x, block.ln_2, xn, pdl)
+            rows_linear(
+                xn, w[p + "mlp.c_fc.weight"], mlp.c_fc.bias, self.h, scratch, gemm="fc", gelu=True, pdl=pdl
+            )
+            rows_linear(
+                self.h,
+                w[p + "mlp.c_proj.weight"],
+                mlp.c_proj.bias,
+                x,
+                scratch,
+                gemm="proj2",
+                residual=True,
+                pdl=pdl,
+            )
+        layer_norm_rows(x, h.ln_f, xn, pdl)
+        head = w["transformer.wte.weight"]
+        return rows_linear(xn, head, None, self.out, scratch, gemm="head", valid_n=c.vocab_size, pdl=pdl)
 
     def greedy(self, tokens: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, cache) -> None:
         """Every row's token at pos + 1: its prompt's (lengths (B,)) while inside it, else the argmax."""

@@ -222,6 +222,51 @@ def test_triton_batch_decode_follows_model_decode(tk):
                 close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles that divide the test model's matmuls (C = 128), a split K for two of them (the
+    partial sums and the last program's epilogue), and 16-row tiles so that 20 rows are two."""
+    from babygpt_torch import kernels as tk
+
+    gemms = {"qkv": (32, 64, 1, 4, 1), "proj": (32, 32, 2, 4, 2), "fc": (64, 64, 1, 4, 1)}
+    gemms |= {"proj2": (32, 64, 1, 4, 4), "head": (64, 64, 1, 4, 1)}
+    monkeypatch.setattr(tk, "ROWS_GEMM", gemms)
+    monkeypatch.setattr(tk, "ROWS_BM", 16)
+
+
+def test_triton_rows_decoder_follows_model_decode(tk, small_tiles):
+    """A batch in hand-written kernels: LayerNorm, then each matmul on tensor-core tiles with its
+    bias, GELU or residual add, against model.decode, for eight greedy tokens from copies of the
+    same cache, twice over the same buffers (the split's counters must be reset)."""
+    model = torch_model()
+    B, S, prompt = 20, 64, 6
+    decoder = tk.FusedDecoder(model, B, S)
+    assert decoder.rows
+    tokens = torch.randint(0, CONFIG.vocab_size, (B, S + 1))
+    cache = model.init_cache(B, S, torch.bfloat16)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model.decode(tokens[:, :prompt], cache, 0)
+        ref_cache = [(k.clone(), v.clone()) for k, v in cache]
+        for pos in range(prompt, prompt + 8):
+            expected, _ = model.decode(tokens[:, pos : pos + 1], ref_cache, pos)
+            logits = decoder.logits(tokens, torch.tensor([pos]), cache)
+            V = CONFIG.vocab_size
+            want = expected[:, 0, :V].float()
+            close(logits[:, :V], want, 8 * BF16)
+            # Its choice is the reference's, or a near tie of it: the interpreter rounds to bfloat16
+            # by truncating, a bias of up to one step, which can swap two logits one step apart.
+            best = want.max(-1).values
+            chosen = want.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+            assert (chosen >= best - 2 * BF16 * best.abs().clamp(min=1)).all()
+            assert (chosen == best).float().mean() > 0.8
+            tokens[:, pos + 1] = want.argmax(-1)  # both follow the reference's tokens
+        assert torch.isinf(logits[:, V:]).all()
+        assert not decoder.scratch[1].any()  # every counter back at 0
+        for layer, ref_layer in zip(cache, ref_cache):
+            for t, ref in zip(layer, ref_layer):
+                close(t[:, :, : prompt + 8].float(), ref[:, :, : prompt + 8].float(), 4 * BF16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pallas (JAX), the same tests
 
@@ -399,6 +444,19 @@ def test_torch_generate_fused_batch_gives_the_plain_greedy_tokens(tk):
     from babygpt_torch.generate import generate
 
     model = torch_model()
+    assert not tk.rows_fit(model.config, len(BATCH))  # GPU tiles: `batch_decode`, the compiled modules
+    assert generate(model, BATCH, 6, temperature=0.0, fused=True) == generate(
+        model, BATCH, 6, temperature=0.0, fused=False
+    )
+
+
+def test_torch_generate_fused_rows_gives_the_plain_greedy_tokens(tk, small_tiles):
+    """A batch of BATCH_FROM to ROWS_UP_TO rows whose matmuls the tiles divide: `FusedDecoder`'s
+    GEMM kernels, in place of the compiled modules (which the test above takes)."""
+    from babygpt_torch.generate import generate
+
+    model = torch_model()
+    assert tk.rows_fit(model.config, len(BATCH)) and not tk.rows_fit(model.config, tk.ROWS_UP_TO + 1)
     assert generate(model, BATCH, 6, temperature=0.0, fused=True) == generate(
         model, BATCH, 6, temperature=0.0, fused=False
     )
