@@ -118,8 +118,9 @@ def generate(
     the in-context tokens every CHECK_EVERY steps (with a stop token) or once at the end of them
     (without one); past the context the host reads each token, one full forward per read.
     `compile` (default: on CUDA only) replays the decode step as a CUDA graph (`torch.compile`).
-    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py`: for a lone
-    prompt, 6 a layer instead of ~12, in a CUDA graph of their own; from BATCH_FROM rows, the
+    `fused` makes that step the hand-written kernels of `babygpt_torch/kernels.py`, in a CUDA
+    graph of their own: for a lone prompt, 6 a layer instead of ~12; from BATCH_FROM to 32 rows,
+    a LayerNorm and tensor-core GEMM kernels around the attention kernel; past 32 rows, the
     attention kernel alone, inside the model's own modules (compiled as above). Default: on a
     GPU, for one row or BATCH_FROM and more, the cases where they were measured faster
     (docs/performance.md).

@@ -19,10 +19,22 @@ expression as the module it replaces under bfloat16 autocast: LayerNorm and the 
 in float32, bfloat16 matmul inputs and outputs, float32 sums (tested against those expressions in
 tests/test_kernels.py). The mirror of `babygpt_jax/kernels.py` (Pallas): the same kernels, the
 same blocks. Not a lesson file: `babygpt_torch/generate.py` uses `FusedDecoder` for a lone prompt
-on a GPU (3,671 against 1,917 new tokens/s on an H200: docs/performance.md). A GEMV reads each
-weight once per row, so from BATCH_FROM rows `batch_decode` keeps the model's own modules, whose
-cuBLAS GEMMs read it once for all rows, and replaces only attention, by
-`_decode_attention_rows_kernel` (50,313 against 47,030 at batch 32). Between, `model.decode`.
+on a GPU (3,671 against 1,917 new tokens/s on an H200: docs/performance.md).
+
+A GEMV reads each weight once per row, so from BATCH_FROM to ROWS_UP_TO rows `FusedDecoder`
+takes each matmul as a GEMM on tensor-core tiles of 32 rows (`rows_linear`: the bias, GELU or
+residual add in its epilogue, K split over programs for the last one), after a LayerNorm kernel
+of its own (`layer_norm_rows`), around `_decode_attention_rows_kernel` (one program per (row,
+head), no combine). Past ROWS_UP_TO, `batch_decode`: the model's own modules (cuBLAS GEMMs,
+compiled by torch.compile) around the same attention kernel. JAX has no mirror of the GEMMs: XLA
+makes the same kind of kernels from the plain modules by itself. Between 1 and BATCH_FROM rows,
+`model.decode`.
+
+Every kernel `FusedDecoder` launches waits for the one before it and then lets the next one be
+scheduled (`_after_previous`: programmatic dependent launch, Hopper on), so the ~90 kernels a
+token overlap their launches instead of leaving the GPU idle between them. On an H200 (GPT-2
+124M, prompt 128, 256 new tokens): 3,364 -> 3,861 new tokens/s for one row; at 32 rows, today's
+kernels 61,507 against 53,839 for the compiled modules (docs/benchmarks.md, 2026-12-03).
 
 And one thing for training: the loss's two passes over the (B·T, V) logits, `cross_entropy`, which
 `model.training_loss` takes on a GPU in place of the written-out expression (the lesson, and the
@@ -515,14 +527,19 @@ def greedy(logits, tokens, lengths, pos, pdl=0) -> torch.Tensor:
 
 
 # Each matmul of a batch's step (GPT-2 124M at 32 rows on an H200): (BLOCK_N, BLOCK_K, stages,
-# warps, split of K), the fastest of a sweep of each alone (docs/benchmarks.md, 2026-12-03).
+# warps, split of K). The fastest of a sweep of each alone (weights from memory, cuBLAS 3.9 / 3.5 /
+# 5.1 / 7.3 / 24.2 us, these 4.0 / 3.7 / 5.1 / 8.6 / 22.9), then checked one knob at a time in the
+# whole call, where three changes came out ahead of every re-timing of the old settings (by 0.4-1.5%,
+# within 1-3% of their mean): the attention projection's 16 columns a program, the last matmul's
+# 4 warps and the LayerNorm's 1 (docs/benchmarks.md, 2026-12-03).
 ROWS_GEMM = {
     "qkv": (32, 256, 3, 4, 1),
-    "proj": (32, 128, 3, 4, 1),
+    "proj": (16, 256, 3, 4, 1),
     "fc": (32, 256, 3, 4, 1),
-    "proj2": (32, 128, 3, 8, 8),
+    "proj2": (32, 128, 3, 4, 8),
     "head": (128, 64, 3, 4, 1),
 }
+ROWS_LN_WARPS = 1  # per row of `layer_norm_rows`
 ROWS_BM = 32  # rows per tile: a tensor-core tile wants 16 or more
 # Past 32 rows (two tiles of rows, each reading every weight), cuBLAS's GEMMs in the compiled step
 # were faster: at 64 rows 84,297 against 79,047 new tokens/s (docs/benchmarks.md, 2026-12-03).
@@ -533,8 +550,9 @@ def layer_norm_rows(x, ln, out, pdl=0) -> torch.Tensor:
     """out (B, C) bfloat16 = LayerNorm(x), x (B, C) float32."""
     B, C = x.shape
     _layer_norm_rows_kernel[(B,)](
-        x, ln.weight, ln.bias, out, ln.eps, C, triton.next_power_of_2(C), pdl, **_launch(pdl)
-    )
+        x, ln.weight, ln.bias, out, ln.eps, C, triton.next_power_of_2(C), pdl,
+        num_warps=ROWS_LN_WARPS, **_launch(pdl),
+    )  # fmt: skip
     return out
 
 
