@@ -171,16 +171,16 @@ def attention_sweep(config: ModelConfig, grid, cuda: bool, batch: int, cache_len
         sdpa = lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # as model.decode
         add("sdpa", sdpa, lambda: sdpa().reshape(batch, C))
 
-        def split():
+        def split():  # the kernels' last argument, PDL, 0: plain launches, each timed alone
             kernels._decode_attention_kernel[(batch, nh, NB)](
-                qkv, k_cache, v_cache, p, part, hs**-0.5, batch, C, cache_len, hs, kernels.BLOCK_S, NB
+                qkv, k_cache, v_cache, p, part, hs**-0.5, batch, C, cache_len, hs, kernels.BLOCK_S, NB, 0
             )
-            kernels._combine_kernel[(batch, nh)](part, p, y, batch, C, hs, kernels.BLOCK_S, NB)
+            kernels._combine_kernel[(batch, nh)](part, p, y, batch, C, hs, kernels.BLOCK_S, NB, 0)
 
         add("split", split, lambda: y, block_s=kernels.BLOCK_S)
         for block_s, warps, stages in grid:
             run = lambda s=block_s, w=warps, n=stages: kernels._decode_attention_rows_kernel[(batch, nh)](
-                qkv, k_cache, v_cache, p, y, hs**-0.5, C, cache_len, hs, s, n, num_warps=w
+                qkv, k_cache, v_cache, p, y, hs**-0.5, C, cache_len, hs, s, n, 0, num_warps=w
             )
             add("rows", run, lambda: y, block_s=block_s, warps=warps, stages=stages)
         return rows
