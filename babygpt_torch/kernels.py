@@ -576,12 +576,16 @@ def rows_fit(config, batch_size: int) -> bool:
     ROWS_UP_TO rows, and tiles that divide every matmul of the model."""
     if not BATCH_FROM <= batch_size <= ROWS_UP_TO:
         return False
-    C, V = config.n_embd, config.padded_vocab_size
-    shapes = {"qkv": (3 * C, C), "proj": (C, C), "fc": (4 * C, C), "proj2": (C, 4 * C), "head": (V, C)}
     return all(
         n % ROWS_GEMM[g][0] == 0 and k % (ROWS_GEMM[g][1] * ROWS_GEMM[g][4]) == 0
-        for g, (n, k) in shapes.items()
+        for g, (n, k) in _rows_shapes(config).items()
     )
+
+
+def _rows_shapes(config) -> dict[str, tuple[int, int]]:
+    """Each matmul's (N, K): columns out, the width summed over."""
+    C, V = config.n_embd, config.padded_vocab_size
+    return {"qkv": (3 * C, C), "proj": (C, C), "fc": (4 * C, C), "proj2": (C, 4 * C), "head": (V, C)}
 
 
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bfloat16 matrices
@@ -636,12 +640,17 @@ class FusedDecoder:
         self.rows = rows_fit(c, B)
         if self.rows:
             self.xn = new(B, C)  # LayerNorm's output
-            tiles = max(n // ROWS_GEMM[g][0] * ROWS_GEMM[g][4] for g, n in (("proj2", C), ("qkv", 3 * C)))
-            tiles *= triton.cdiv(B, ROWS_BM)
+            # the split matmuls' partial sums, SPLIT per (BM, BN) tile, and a counter per tile
+            tiles = {
+                g: n // ROWS_GEMM[g][0] * triton.cdiv(B, ROWS_BM) for g, (n, _) in _rows_shapes(c).items()
+            }
+            split = [(t, *ROWS_GEMM[g]) for g, t in tiles.items() if ROWS_GEMM[g][4] > 1]
+            parts = max([t * bn * ROWS_BM * s for t, bn, _, _, _, s in split], default=1)
+            counts = max([t for t, *_ in split], default=1)
             self.scratch = (
-                new(tiles, ROWS_BM, max(g[0] for g in ROWS_GEMM.values()), dtype=torch.float32),
-                new(tiles, dtype=torch.int32),  # the counters start at 0 and each call leaves them so
-            )
+                new(parts, dtype=torch.float32),
+                new(counts, dtype=torch.int32),
+            )  # counters: 0, left 0
 
     @torch.no_grad()
     def refresh(self) -> None:
