@@ -96,6 +96,7 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "layer_norm_rows": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
         "rows_linear": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
         "rows_fit": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
+        "_rows_shapes": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",
