@@ -263,7 +263,7 @@ def _compiled_steps(
         static.append(y)
         logits_at = lambda: kernels.batch_decode(model, tokens, pos, cache, y)  # noqa: F811
         greedy_step = lambda: kernels.greedy(logits_at(), tokens, lengths, pos)  # noqa: F811
-    elif fused:  # the same step in hand-written kernels, replayed as a CUDA graph (kernels.py)
+    elif fused:  # the whole step in hand-written kernels, replayed as a CUDA graph (kernels.py)
         decoder = kernels.FusedDecoder(model, batch_size, cache_len)
         logits_at = lambda: decoder.logits(tokens, pos, cache)  # noqa: F811
         greedy_step = lambda: decoder.greedy(tokens, lengths, pos, cache)  # noqa: F811

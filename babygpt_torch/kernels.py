@@ -58,6 +58,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton.jit wraps a kernel
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -566,7 +567,7 @@ def rows_linear(a, weight, bias, out, scratch, *, gemm, gelu=False, residual=Fal
     _rows_linear_kernel[grid](
         a, weight, weight if bias is None else bias, out, parts, counts, M, K, N, ROWS_BM, BN, BK, split,
         stages, bias is not None, gelu, residual, N if valid_n is None else valid_n,
-        os.environ.get("TRITON_INTERPRET") == "1", pdl, num_warps=warps, **_launch(pdl),
+        INTERPRETED, pdl, num_warps=warps, **_launch(pdl),
     )  # fmt: skip
     return out
 
