@@ -35,6 +35,14 @@ SYNONYMS = {"jax": {"__call__": "forward", "GrainLoader": "DataLoaderLite"}, "to
 # the paradigms differ, each with the reason. Anything else present in one backend only is drift,
 # and `test_backends_mirror_each_other` fails on it.
 # An allow-listed class covers its methods.
+
+# Why the batch GEMM kernels of `babygpt_torch/kernels.py` have no Pallas twin.
+_TORCH_ROWS = (
+    "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or"
+    " residual add, launched dependently); JAX's batch_decode gets the like from XLA, which compiles"
+    " the plain modules into split-K Triton GEMM fusions launched dependently"
+)
+
 PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
     ("model", "jax"): {
         "attention_implementation": "jax.nn.dot_product_attention must be asked for cuDNN; torch's SDPA picks its kernel itself",
@@ -88,15 +96,15 @@ PARADIGM_ONLY: dict[tuple[str, str], dict[str, str]] = {
         "FusedDecoder": "fixed buffers, bfloat16 weight copies and in-place writes, so the step can be replayed as a CUDA graph; JAX's fused_decode is a pure function that jit compiles",
         "cuda_graph": "torch records the step once and replays it per token; JAX runs the whole decode loop as one compiled while loop",
         "_CrossEntropy": "a torch.autograd.Function holds the loss kernel's forward and the gradient kernel's backward; JAX pairs them with jax.custom_vjp",
-        "_after_previous": "programmatic dependent launch (Triton's gdc_wait / gdc_launch_dependents) for FusedDecoder's kernels; pallas_call has no launch option for it",
-        "_launch": "Triton's launch_pdl option, left out where torch.compile launches the kernel; pallas_call has no such option",
-        "_layer_norm_rows_kernel": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "_rows_epilogue": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "_rows_linear_kernel": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "layer_norm_rows": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "rows_linear": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "rows_fit": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
-        "_rows_shapes": "torch's batch of 8 to 32 rows in kernels of its own (tensor-core GEMMs with their bias, GELU or residual add, launched dependently); JAX's batch_decode gets that from XLA, whose own Triton GEMMs with fused epilogues and dependent launches come out of the plain modules",
+        "_after_previous": "programmatic dependent launch (Triton's gdc_wait / gdc_launch_dependents) for FusedDecoder's kernels; not tried with pallas_call (whether it can launch so is not checked)",
+        "_launch": "Triton's launch_pdl option, left out where torch.compile launches the kernel; not tried with pallas_call",
+        "_layer_norm_rows_kernel": _TORCH_ROWS,
+        "_rows_epilogue": _TORCH_ROWS,
+        "_rows_linear_kernel": _TORCH_ROWS,
+        "layer_norm_rows": _TORCH_ROWS,
+        "rows_linear": _TORCH_ROWS,
+        "rows_fit": _TORCH_ROWS,
+        "_rows_shapes": _TORCH_ROWS,
     },
     ("checkpoint", "jax"): {
         "checkpoint_manager": "orbax's CheckpointManager object owns the step directories and async saves",

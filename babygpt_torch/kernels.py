@@ -27,7 +27,8 @@ residual add in its epilogue, K split over programs for the last one), after a L
 of its own (`layer_norm_rows`), around `_decode_attention_rows_kernel` (one program per (row,
 head), no combine). Past ROWS_UP_TO, `batch_decode`: the model's own modules (cuBLAS GEMMs,
 compiled by torch.compile) around the same attention kernel. JAX has no mirror of the GEMMs: XLA
-makes the same kind of kernels from the plain modules by itself. Between 1 and BATCH_FROM rows,
+makes split-K Triton GEMMs, launched dependently, from the plain modules by itself. Between 1 and
+BATCH_FROM rows,
 `model.decode`.
 
 Every kernel `FusedDecoder` launches waits for the one before it and then lets the next one be
@@ -530,9 +531,10 @@ def greedy(logits, tokens, lengths, pos, pdl=0) -> torch.Tensor:
 # Each matmul of a batch's step (GPT-2 124M at 32 rows on an H200): (BLOCK_N, BLOCK_K, stages,
 # warps, split of K). The fastest of a sweep of each alone (weights from memory, cuBLAS 3.9 / 3.5 /
 # 5.1 / 7.3 / 24.2 us, these 4.0 / 3.7 / 5.1 / 8.6 / 22.9), then checked one knob at a time in the
-# whole call, where three changes came out ahead of every re-timing of the old settings (by 0.4-1.5%,
-# within 1-3% of their mean): the attention projection's 16 columns a program, the last matmul's
-# 4 warps and the LayerNorm's 1 (docs/benchmarks.md, 2026-12-03).
+# whole call, where three changes came out ahead of every re-timing of the old settings (by
+# 0.4-1.5%; 2-3% above their mean, about the re-timings' own spread): the attention projection's
+# 16 columns a program, the last matmul's 4 warps and the LayerNorm's 1 (docs/benchmarks.md,
+# 2026-12-03).
 ROWS_GEMM = {
     "qkv": (32, 256, 3, 4, 1),
     "proj": (16, 256, 3, 4, 1),
